@@ -1,0 +1,6 @@
+//! The networks of the supported families, each built from its diffusers / transformers config.
+
+pub mod blocks;
+pub mod clip;
+pub mod unet;
+pub mod vae;

@@ -1,0 +1,406 @@
+//! Model families and the sampling loop: text encoders → initial noise → denoiser × steps under a
+//! scheduler with classifier-free guidance → VAE decode.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{PipelineError, Result};
+use crate::image::GeneratedImage;
+use crate::loader::{Config, ModelDir};
+use crate::models::clip::ClipTextModel;
+use crate::models::unet::{TextTimeCond, UNet};
+use crate::models::vae::VaeDecoder;
+use crate::noise::NoiseStreams;
+use crate::schedulers::SchedulerKind;
+use crate::tokenizer::PromptTokenizer;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("unknown device {s:?} (expected cpu, cuda or cuda:N)")),
+        }
+    }
+}
+
+impl DeviceSpec {
+    pub fn device(&self) -> Result<Device> {
+        match self {
+            Self::Cpu => Ok(Device::Cpu),
+            Self::Cuda(n) => Device::new_cuda(*n).map_err(|e| {
+                PipelineError::param("device", format!("cuda:{n} is not available ({e}); build with --features cuda on a machine with a GPU"))
+            }),
+        }
+    }
+}
+
+/// The families fresco serves, as recognised from `model_index.json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// SD 1.x / 2.x (and SD-Turbo): one CLIP encoder, U-Net.
+    StableDiffusion,
+    /// SDXL (and SDXL-Turbo): two CLIP encoders, pooled + size conditioning.
+    StableDiffusionXl,
+}
+
+impl Family {
+    fn detect(dir: &ModelDir) -> Result<Self> {
+        let index = dir.root.join("model_index.json");
+        match dir.class_name() {
+            Some("StableDiffusionPipeline") => Ok(Self::StableDiffusion),
+            Some("StableDiffusionXLPipeline") => Ok(Self::StableDiffusionXl),
+            Some(c @ ("StableDiffusion3Pipeline" | "FluxPipeline")) => Err(PipelineError::Unsupported(format!(
+                "{}: {c} (flow-matching transformer) support is not implemented yet; SD 1.x/2.x and SDXL are",
+                index.display()
+            ))),
+            Some(other) => Err(PipelineError::Unsupported(format!(
+                "{}: pipeline class {other:?} is not a supported family (StableDiffusionPipeline, StableDiffusionXLPipeline)",
+                index.display()
+            ))),
+            None => Err(PipelineError::config(&index, "no \"_class_name\"")),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::StableDiffusion => "stable-diffusion",
+            Self::StableDiffusionXl => "stable-diffusion-xl",
+        }
+    }
+}
+
+/// What a model runs with when a request leaves a parameter out.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModelDefaults {
+    pub steps: usize,
+    pub guidance: f64,
+    pub width: usize,
+    pub height: usize,
+}
+
+/// One batched generation. Every vector has one entry per prompt.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub prompts: Vec<String>,
+    pub negative_prompts: Vec<Option<String>>,
+    pub seeds: Vec<u64>,
+    pub steps: Option<usize>,
+    pub guidance: Option<f64>,
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub scheduler: Option<String>,
+    /// Initial noise `[B, C, H/8, W/8]` used instead of the seeds' noise (diffusers' `latents=`).
+    pub latents: Option<Tensor>,
+}
+
+impl Request {
+    pub fn new(prompts: Vec<String>, seeds: Vec<u64>) -> Self {
+        let n = prompts.len();
+        Self {
+            prompts,
+            negative_prompts: vec![None; n],
+            seeds,
+            steps: None,
+            guidance: None,
+            width: None,
+            height: None,
+            scheduler: None,
+            latents: None,
+        }
+    }
+}
+
+/// Wall time per stage of one `generate` call, for worker metrics and benchmarks.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StageTimings {
+    pub encode: Duration,
+    pub denoise: Duration,
+    pub decode: Duration,
+    pub steps: usize,
+}
+
+struct TextEncoder {
+    tokenizer: PromptTokenizer,
+    model: ClipTextModel,
+}
+
+pub struct Pipeline {
+    pub family: Family,
+    pub name: String,
+    device: Device,
+    dtype: DType,
+    encoders: Vec<TextEncoder>,
+    unet: UNet,
+    vae: VaeDecoder,
+    scheduler_config: Config,
+    default_scheduler: SchedulerKind,
+    force_zeros_for_empty_prompt: bool,
+    defaults: ModelDefaults,
+}
+
+impl Pipeline {
+    pub fn load(root: &Path, device: &DeviceSpec) -> Result<Self> {
+        let dir = ModelDir::open(root)?;
+        let family = Family::detect(&dir)?;
+        let device = device.device()?;
+        let dtype = DType::F32;
+        let name = root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+
+        let mut encoders = Vec::new();
+        let pairs: &[(&str, &str)] = match family {
+            Family::StableDiffusion => &[("tokenizer", "text_encoder")],
+            Family::StableDiffusionXl => &[("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")],
+        };
+        for (tok, enc) in pairs {
+            let tokenizer = PromptTokenizer::clip(&dir.component(tok)?)?;
+            let with_projection = dir.component_class(enc) == Some("CLIPTextModelWithProjection");
+            let model = ClipTextModel::load(&dir.component(enc)?, with_projection, dtype, &device)?;
+            encoders.push(TextEncoder { tokenizer, model });
+        }
+        if family == Family::StableDiffusionXl && encoders[1].model.config.projection_dim.is_none() {
+            return Err(PipelineError::config(&dir.root.join("model_index.json"), "SDXL's text_encoder_2 must be a CLIPTextModelWithProjection"));
+        }
+        let unet = UNet::load(&dir.component("unet")?, dtype, &device)?;
+        let unet_config = dir.component("unet")?.join("config.json");
+        match (family, unet.config.text_time) {
+            (Family::StableDiffusionXl, None) => return Err(PipelineError::config(&unet_config, "SDXL needs addition_embed_type \"text_time\"")),
+            (Family::StableDiffusion, Some(_)) => return Err(PipelineError::config(&unet_config, "addition_embed_type \"text_time\" needs an SDXL pipeline")),
+            _ => {}
+        }
+        if unet.config.time_cond_proj_dim.is_some() {
+            return Err(PipelineError::config(&unet_config, "guidance-distilled U-Nets (time_cond_proj_dim) are not supported"));
+        }
+        let vae = VaeDecoder::load(&dir.component("vae")?, dtype, &device)?;
+        if vae.config.latent_channels != unet.config.in_channels {
+            return Err(PipelineError::config(&dir.root.join("vae/config.json"), "latent_channels differs from the U-Net's in_channels"));
+        }
+        let scheduler_dir = dir.component("scheduler")?;
+        let scheduler_config = Config::load(&scheduler_dir.join("scheduler_config.json"))?;
+        let class = scheduler_config.opt_str("_class_name")?.or(dir.component_class("scheduler")).unwrap_or("PNDMScheduler").to_string();
+        let default_scheduler = SchedulerKind::from_class(&class, &scheduler_config.path)?;
+        let force_zeros_for_empty_prompt = dir.flag("force_zeros_for_empty_prompt").unwrap_or(family == Family::StableDiffusionXl);
+
+        let side = unet.config.sample_size * vae.config.scale_factor();
+        // Turbo checkpoints share their architecture with the base models; only their name tells them
+        // apart, and their published recipe is one step without guidance.
+        let turbo = name.to_ascii_lowercase().contains("turbo");
+        let defaults = ModelDefaults {
+            steps: if turbo { 1 } else { 50 },
+            guidance: match (turbo, family) {
+                (true, _) => 0.0,
+                (false, Family::StableDiffusion) => 7.5,
+                (false, Family::StableDiffusionXl) => 5.0,
+            },
+            width: side,
+            height: side,
+        };
+        tracing::info!(model = %name, family = family.name(), scheduler = default_scheduler.name(), "model loaded");
+        Ok(Self { family, name, device, dtype, encoders, unet, vae, scheduler_config, default_scheduler, force_zeros_for_empty_prompt, defaults })
+    }
+
+    pub fn defaults(&self) -> ModelDefaults {
+        self.defaults
+    }
+
+    pub fn default_scheduler(&self) -> SchedulerKind {
+        self.default_scheduler
+    }
+
+    /// Spatial factor between image and latent; width and height must be multiples of it.
+    pub fn size_factor(&self) -> usize {
+        self.vae.config.scale_factor()
+    }
+
+    pub fn latent_channels(&self) -> usize {
+        self.unet.config.in_channels
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Checks a request without running it; every error names the parameter.
+    pub fn resolve(&self, req: &Request) -> Result<Resolved> {
+        let b = req.prompts.len();
+        if b == 0 {
+            return Err(PipelineError::param("prompt", "at least one prompt is required"));
+        }
+        if req.negative_prompts.len() != b || (req.latents.is_none() && req.seeds.len() != b) {
+            return Err(PipelineError::param("seed", "one seed and one negative prompt entry per prompt are required"));
+        }
+        for (i, p) in req.prompts.iter().enumerate() {
+            fresco_core::validate_prompt(&format!("prompt[{i}]"), p).map_err(|e| PipelineError::param(&e.field, e.message))?;
+        }
+        let steps = req.steps.unwrap_or(self.defaults.steps);
+        if steps == 0 || steps > 1000 {
+            return Err(PipelineError::param("steps", format!("must be 1..=1000, got {steps}")));
+        }
+        let guidance = req.guidance.unwrap_or(self.defaults.guidance);
+        if !guidance.is_finite() || guidance < 0.0 {
+            return Err(PipelineError::param("guidance", format!("must be a non-negative number, got {guidance}")));
+        }
+        let f = self.size_factor();
+        let width = req.width.unwrap_or(self.defaults.width);
+        let height = req.height.unwrap_or(self.defaults.height);
+        for (name, v) in [("width", width), ("height", height)] {
+            if v == 0 || v % f != 0 || v > 4096 {
+                return Err(PipelineError::param(name, format!("must be a positive multiple of {f} up to 4096 for this model, got {v}")));
+            }
+        }
+        let scheduler = match &req.scheduler {
+            Some(s) => SchedulerKind::from_name(s)?,
+            None => self.default_scheduler,
+        };
+        if scheduler.is_flow() {
+            return Err(PipelineError::param("scheduler", "flow-euler is for flow-matching models (SD3, FLUX)"));
+        }
+        if let Some(l) = &req.latents {
+            let want = (b, self.latent_channels(), height / f, width / f);
+            if l.dims4().ok() != Some(want) {
+                return Err(PipelineError::param("latents", format!("expected shape {want:?}, got {:?}", l.dims())));
+            }
+        }
+        Ok(Resolved { steps, guidance, width, height, scheduler })
+    }
+
+    /// Generates one image per prompt as a single batched forward per step.
+    pub fn generate(&self, req: &Request) -> Result<Vec<GeneratedImage>> {
+        self.generate_timed(req).map(|(images, _)| images)
+    }
+
+    pub fn generate_timed(&self, req: &Request) -> Result<(Vec<GeneratedImage>, StageTimings)> {
+        let r = self.resolve(req)?;
+        let b = req.prompts.len();
+        let cfg = r.guidance > 1.0;
+        let mut timings = StageTimings::default();
+
+        let t0 = Instant::now();
+        let cond = self.encode(&req.prompts)?;
+        let (context, extra) = if cfg {
+            let uncond = self.encode_negative(&req.negative_prompts)?;
+            (Tensor::cat(&[&uncond.context, &cond.context], 0)?, match (uncond.pooled, cond.pooled) {
+                (Some(u), Some(c)) => Some(Tensor::cat(&[&u, &c], 0)?),
+                _ => None,
+            })
+        } else {
+            (cond.context, cond.pooled)
+        };
+        let rows = if cfg { 2 * b } else { b };
+        let time_ids = match self.family {
+            Family::StableDiffusionXl => {
+                // (original size, crop top-left, target size) = ((h, w), (0, 0), (h, w)).
+                let (h, w) = (r.height as f32, r.width as f32);
+                let one = [h, w, 0.0, 0.0, h, w];
+                Some(Tensor::from_vec(one.repeat(rows), (rows, 6), &self.device)?.to_dtype(self.dtype)?)
+            }
+            Family::StableDiffusion => None,
+        };
+        timings.encode = t0.elapsed();
+
+        let t1 = Instant::now();
+        let mut scheduler = r.scheduler.build(&self.scheduler_config, r.steps, None)?;
+        let f = self.size_factor();
+        let shape = (b, self.latent_channels(), r.height / f, r.width / f);
+        let mut noise = NoiseStreams::new(&req.seeds);
+        let initial = match &req.latents {
+            Some(l) => l.to_device(&self.device)?.to_dtype(self.dtype)?,
+            None => noise.next(&[shape.0, shape.1, shape.2, shape.3], &self.device)?.to_dtype(self.dtype)?,
+        };
+        let mut latents = (initial * scheduler.init_noise_sigma())?;
+        let timesteps = scheduler.timesteps().to_vec();
+        for (i, t) in timesteps.iter().enumerate() {
+            let input = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let input = scheduler.scale_model_input(input, i)?;
+            let extra = match (&extra, &time_ids) {
+                (Some(text_embeds), Some(time_ids)) => Some(TextTimeCond { text_embeds, time_ids }),
+                _ => None,
+            };
+            let out = self.unet.forward(&input, *t, &context, extra)?;
+            let guided = if cfg {
+                let (u, c) = (out.narrow(0, 0, b)?, out.narrow(0, b, b)?);
+                (&u + ((&c - &u)? * r.guidance)?)?
+            } else {
+                out
+            };
+            latents = scheduler.step(&guided, i, &latents, &mut noise)?;
+        }
+        timings.steps = timesteps.len();
+        timings.denoise = t1.elapsed();
+
+        let t2 = Instant::now();
+        let decoded = self.vae.decode(&latents)?;
+        let images = GeneratedImage::from_decoded(&decoded)?;
+        timings.decode = t2.elapsed();
+        Ok((images, timings))
+    }
+
+    fn encode(&self, prompts: &[String]) -> Result<Encoded> {
+        let mut contexts = Vec::new();
+        let mut pooled = None;
+        for enc in &self.encoders {
+            let ids = prompts.iter().map(|p| enc.tokenizer.encode(p)).collect::<Result<Vec<_>>>()?;
+            let out = enc.model.forward(&ids)?;
+            match self.family {
+                Family::StableDiffusion => contexts.push(out.last_hidden_state),
+                Family::StableDiffusionXl => {
+                    let n = out.hidden_states.len();
+                    contexts.push(out.hidden_states[n - 2].clone());
+                    pooled = out.text_embeds;
+                }
+            }
+        }
+        let context = if contexts.len() == 1 { contexts.remove(0) } else { Tensor::cat(&contexts, 2)? };
+        Ok(Encoded { context, pooled })
+    }
+
+    /// Unconditional embeddings per prompt: its negative prompt, or "" — or zeros for SDXL-style models
+    /// when no negative prompt is given (`force_zeros_for_empty_prompt`).
+    fn encode_negative(&self, negatives: &[Option<String>]) -> Result<Encoded> {
+        let texts: Vec<String> = negatives.iter().map(|n| n.clone().unwrap_or_default()).collect();
+        let encoded = self.encode(&texts)?;
+        if !self.force_zeros_for_empty_prompt || negatives.iter().all(Option::is_some) {
+            return Ok(encoded);
+        }
+        let mut ctx = Vec::new();
+        let mut pooled = Vec::new();
+        for (i, n) in negatives.iter().enumerate() {
+            let zero = n.is_none();
+            let c = encoded.context.narrow(0, i, 1)?;
+            ctx.push(if zero { c.zeros_like()? } else { c });
+            if let Some(p) = &encoded.pooled {
+                let p = p.narrow(0, i, 1)?;
+                pooled.push(if zero { p.zeros_like()? } else { p });
+            }
+        }
+        Ok(Encoded { context: Tensor::cat(&ctx, 0)?, pooled: if pooled.is_empty() { None } else { Some(Tensor::cat(&pooled, 0)?) } })
+    }
+}
+
+struct Encoded {
+    context: Tensor,
+    pooled: Option<Tensor>,
+}
+
+/// A request's parameters after model defaults are applied.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Resolved {
+    pub steps: usize,
+    pub guidance: f64,
+    pub width: usize,
+    pub height: usize,
+    pub scheduler: SchedulerKind,
+}

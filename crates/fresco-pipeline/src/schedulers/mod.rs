@@ -1,0 +1,117 @@
+//! Noise schedulers, each built from `scheduler/scheduler_config.json` the way diffusers' `from_config`
+//! builds it: the file's keys over the class's own defaults. Scalar schedule arithmetic runs in f64 on the
+//! host; only the update itself touches tensors.
+
+mod ddim;
+mod dpm;
+mod euler;
+mod flow;
+mod lcm;
+mod pndm;
+mod schedule;
+
+use candle_core::Tensor;
+
+use crate::error::{PipelineError, Result};
+use crate::loader::Config;
+use crate::noise::NoiseStreams;
+
+pub use flow::FlowShift;
+pub use schedule::Prediction;
+
+/// One denoising schedule for one generation: the timesteps to evaluate the denoiser at, and the update
+/// that turns its output into the next latents.
+pub trait Scheduler: Send {
+    /// Denoiser evaluation points, in order (the value passed to the model).
+    fn timesteps(&self) -> &[f64];
+    /// Factor applied to standard-normal noise to start sampling.
+    fn init_noise_sigma(&self) -> f64;
+    /// Input scaling before the denoiser (Euler-type schedulers divide by sqrt(sigma^2 + 1)).
+    fn scale_model_input(&self, sample: Tensor, _step: usize) -> candle_core::Result<Tensor> {
+        Ok(sample)
+    }
+    /// Advances `sample` by one step given the (guided) model output at step `step`.
+    fn step(&mut self, model_output: &Tensor, step: usize, sample: &Tensor, noise: &mut NoiseStreams) -> candle_core::Result<Tensor>;
+}
+
+/// The scheduler names fresco accepts and the diffusers classes they correspond to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchedulerKind {
+    Ddim,
+    Pndm,
+    Euler,
+    EulerAncestral,
+    DpmPp2m,
+    DpmPp2mKarras,
+    Lcm,
+    FlowEuler,
+}
+
+impl SchedulerKind {
+    pub fn from_name(name: &str) -> Result<Self> {
+        Ok(match name {
+            "ddim" => Self::Ddim,
+            "pndm" => Self::Pndm,
+            "euler" => Self::Euler,
+            "euler-ancestral" => Self::EulerAncestral,
+            "dpmpp-2m" => Self::DpmPp2m,
+            "dpmpp-2m-karras" => Self::DpmPp2mKarras,
+            "lcm" => Self::Lcm,
+            "flow-euler" => Self::FlowEuler,
+            other => return Err(PipelineError::param("scheduler", format!("unknown scheduler {other:?}"))),
+        })
+    }
+
+    pub fn from_class(class: &str, path: &std::path::Path) -> Result<Self> {
+        Ok(match class {
+            "DDIMScheduler" => Self::Ddim,
+            "PNDMScheduler" => Self::Pndm,
+            "EulerDiscreteScheduler" => Self::Euler,
+            "EulerAncestralDiscreteScheduler" => Self::EulerAncestral,
+            "DPMSolverMultistepScheduler" => Self::DpmPp2m,
+            "LCMScheduler" => Self::Lcm,
+            "FlowMatchEulerDiscreteScheduler" => Self::FlowEuler,
+            other => return Err(PipelineError::config(path, format!("scheduler class {other:?} is not supported"))),
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ddim => "ddim",
+            Self::Pndm => "pndm",
+            Self::Euler => "euler",
+            Self::EulerAncestral => "euler-ancestral",
+            Self::DpmPp2m => "dpmpp-2m",
+            Self::DpmPp2mKarras => "dpmpp-2m-karras",
+            Self::Lcm => "lcm",
+            Self::FlowEuler => "flow-euler",
+        }
+    }
+
+    pub fn is_flow(self) -> bool {
+        self == Self::FlowEuler
+    }
+
+    /// Builds the schedule for `steps` evaluations. `flow_shift` carries the pipeline's resolution-dependent
+    /// shift for flow-matching models (FLUX) and its explicit sigmas.
+    pub fn build(self, config: &Config, steps: usize, flow_shift: Option<&FlowShift>) -> Result<Box<dyn Scheduler>> {
+        if steps == 0 {
+            return Err(PipelineError::param("steps", "must be at least 1"));
+        }
+        Ok(match self {
+            Self::Ddim => Box::new(ddim::Ddim::new(config, steps)?),
+            Self::Pndm => Box::new(pndm::Pndm::new(config, steps)?),
+            Self::Euler => Box::new(euler::Euler::new(config, steps, false)?),
+            Self::EulerAncestral => Box::new(euler::Euler::new(config, steps, true)?),
+            Self::DpmPp2m => Box::new(dpm::DpmSolverPp2m::new(config, steps, false)?),
+            Self::DpmPp2mKarras => Box::new(dpm::DpmSolverPp2m::new(config, steps, true)?),
+            Self::Lcm => Box::new(lcm::Lcm::new(config, steps)?),
+            Self::FlowEuler => Box::new(flow::FlowEuler::new(config, steps, flow_shift)?),
+        })
+    }
+}
+
+/// `a * x + b * y` on tensors of one shape.
+pub(crate) fn axpby(a: f64, x: &Tensor, b: f64, y: &Tensor) -> candle_core::Result<Tensor> {
+    (x * a)? + (y * b)?
+}
