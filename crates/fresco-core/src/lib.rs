@@ -4,6 +4,7 @@
 //! Nothing here performs I/O, so every rule can be unit-tested and reused by the store, the coordinator,
 //! the worker and the CLI without dragging their dependencies along.
 
+pub mod batch;
 pub mod ids;
 pub mod keys;
 pub mod params;

@@ -88,6 +88,9 @@ impl ParamOverrides {
 
     pub fn validate(&self, prefix: &str) -> Result<(), ValidationError> {
         validate_numbers(prefix, self.steps, self.guidance, self.width, self.height)?;
+        if self.seed.is_some_and(|s| s >= 1 << 63) {
+            return Err(ValidationError::new(format!("{prefix}seed"), "must be below 2^63"));
+        }
         if let Some(n) = &self.negative_prompt {
             validate_text(&format!("{prefix}negative_prompt"), n, true)?;
         }
