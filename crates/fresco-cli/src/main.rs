@@ -1,14 +1,15 @@
-//! `fresco`: the one binary operators and dataset builders run. Subcommands map onto the crates:
-//! `generate` (pipeline alone), and the service and client commands as they land.
+//! `fresco`: the one binary operators and dataset builders run.
 
 mod commands;
+mod prompts;
 
 use clap::{Parser, Subcommand};
+use commands::{client, coordinator, generate, run, worker};
 
 #[derive(Parser)]
 #[command(name = "fresco", version, about = "Distributed batch text-to-image generation")]
 struct Cli {
-    /// Log filter (e.g. `info`, `fresco=debug`); also FRESCO_LOG.
+    /// Log filter (e.g. `info`, `fresco_worker=debug`).
     #[arg(long, global = true, env = "FRESCO_LOG", default_value = "warn")]
     log: String,
     #[command(subcommand)]
@@ -17,8 +18,26 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a whole job on this machine: embedded store, in-process workers, local output folder.
+    Run(run::Args),
     /// Run the sampler pipeline directly and write one image per prompt.
-    Generate(commands::generate::Args),
+    Generate(generate::Args),
+    /// Serve the job queue over gRPC (PostgreSQL).
+    Coordinator(coordinator::Args),
+    /// Lease batches from a coordinator, generate, upload, report.
+    Worker(worker::Args),
+    /// Submit a prompt file as a job; prints the job id.
+    Submit(client::SubmitArgs),
+    /// Show a job's state and counts.
+    Status(client::JobArgs),
+    /// Follow a job's progress until it ends.
+    Watch(client::JobArgs),
+    /// Cancel a job.
+    Cancel(client::JobArgs),
+    /// List jobs, newest first.
+    Jobs(client::JobsArgs),
+    /// List a job's images.
+    Outputs(client::JobArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -28,7 +47,24 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
-        Command::Generate(args) => commands::generate::run(args),
+        Command::Generate(args) => generate::run(args),
+        command => match tokio::runtime::Runtime::new() {
+            Ok(rt) => rt.block_on(async move {
+                match command {
+                    Command::Run(a) => run::run(a).await,
+                    Command::Coordinator(a) => coordinator::run(a).await,
+                    Command::Worker(a) => worker::run(a).await,
+                    Command::Submit(a) => client::submit(a).await,
+                    Command::Status(a) => client::status_cmd(a).await,
+                    Command::Watch(a) => client::watch(a).await,
+                    Command::Cancel(a) => client::cancel(a).await,
+                    Command::Jobs(a) => client::jobs(a).await,
+                    Command::Outputs(a) => client::outputs(a).await,
+                    Command::Generate(_) => unreachable!("handled above"),
+                }
+            }),
+            Err(e) => Err(e.into()),
+        },
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

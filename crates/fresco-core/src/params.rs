@@ -185,9 +185,48 @@ pub fn validate_model_name(name: &str) -> Result<(), ValidationError> {
     }
 }
 
+/// Output locations workers can write to: `s3://`, `gs://`, `az://` (also `azure://`, `abfs://`),
+/// `file://` URLs, or a plain filesystem path.
+pub fn validate_output_url(url: &str) -> Result<(), ValidationError> {
+    let bad = |m: &str| Err(ValidationError::new("output_url", format!("{url:?}: {m}")));
+    if url.trim().is_empty() {
+        return bad("must not be empty");
+    }
+    if url.len() > 2048 || url.chars().any(|c| c.is_control()) {
+        return bad("is too long or contains control characters");
+    }
+    match url.split_once("://") {
+        None => Ok(()),
+        Some((scheme, rest)) => match scheme {
+            "s3" | "gs" | "az" | "azure" | "abfs" | "abfss" => {
+                let bucket = rest.split('/').next().unwrap_or("");
+                if bucket.is_empty() {
+                    bad("names no bucket")
+                } else {
+                    Ok(())
+                }
+            }
+            "file" if rest.starts_with('/') => Ok(()),
+            "file" => bad("file:// URLs need an absolute path"),
+            _ => bad("unsupported scheme (use s3://, gs://, az://, file:// or a path)"),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn output_urls() {
+        for ok in ["s3://bucket/prefix", "gs://b", "file:///tmp/x", "out/images", "/abs/path"] {
+            assert!(validate_output_url(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "s3://", "s3:///x", "ftp://host/x", "file://relative", "a\nb"] {
+            let bad = bad.replace("\\n", "\n");
+            assert_eq!(validate_output_url(&bad).unwrap_err().field, "output_url", "{bad}");
+        }
+    }
 
     #[test]
     fn out_of_range_numbers_name_their_field() {

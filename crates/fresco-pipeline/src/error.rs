@@ -20,6 +20,8 @@ pub enum PipelineError {
     Tensor(#[from] candle_core::Error),
     #[error("image encoding failed: {0}")]
     Encode(String),
+    #[error("generation was cancelled")]
+    Cancelled,
 }
 
 impl PipelineError {
@@ -35,10 +37,11 @@ impl PipelineError {
         Self::InvalidParam { field: field.to_string(), message: message.into() }
     }
 
-    /// True when retrying the same input can never succeed (bad parameters, broken model files), so a
-    /// worker reports the failure as permanent instead of burning retries.
+    /// True when retrying the same input can never succeed (bad parameters, broken or unsupported model
+    /// files), so a worker reports the failure as permanent instead of burning retries. Tensor errors
+    /// (e.g. device out of memory) and I/O may pass on another attempt or another worker.
     pub fn is_permanent(&self) -> bool {
-        !matches!(self, Self::Io { .. })
+        matches!(self, Self::Config { .. } | Self::Weights { .. } | Self::Tokenizer { .. } | Self::Unsupported(_) | Self::InvalidParam { .. } | Self::Encode(_))
     }
 }
 

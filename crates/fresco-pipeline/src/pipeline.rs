@@ -283,6 +283,12 @@ impl Pipeline {
     }
 
     pub fn generate_timed(&self, req: &Request) -> Result<(Vec<GeneratedImage>, StageTimings)> {
+        self.generate_cancellable(req, &|| false)
+    }
+
+    /// Like [`generate_timed`](Self::generate_timed), checking `should_stop` before every denoising step so
+    /// a worker can drop a cancelled batch without finishing it.
+    pub fn generate_cancellable(&self, req: &Request, should_stop: &dyn Fn() -> bool) -> Result<(Vec<GeneratedImage>, StageTimings)> {
         let r = self.resolve(req)?;
         let b = req.prompts.len();
         let cfg = r.guidance > 1.0;
@@ -323,6 +329,9 @@ impl Pipeline {
         let mut latents = (initial * scheduler.init_noise_sigma())?;
         let timesteps = scheduler.timesteps().to_vec();
         for (i, t) in timesteps.iter().enumerate() {
+            if should_stop() {
+                return Err(PipelineError::Cancelled);
+            }
             let input = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
             let input = scheduler.scale_model_input(input, i)?;
             let extra = match (&extra, &time_ids) {

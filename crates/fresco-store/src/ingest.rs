@@ -20,9 +20,7 @@ pub fn validate_job(job: &NewJob) -> Result<(), ValidationError> {
     if job.max_attempts == 0 || job.max_attempts > MAX_ATTEMPTS {
         return Err(ValidationError::new("max_attempts", format!("must be 1..={MAX_ATTEMPTS}, got {}", job.max_attempts)));
     }
-    if job.output_url.trim().is_empty() {
-        return Err(ValidationError::new("output_url", "must not be empty"));
-    }
+    fresco_core::validate_output_url(&job.output_url)?;
     if let Some(r) = &job.client_request_id {
         if r.is_empty() || r.len() > 200 {
             return Err(ValidationError::new("client_request_id", "must be 1-200 characters"));

@@ -30,6 +30,8 @@ pub trait JobIngest: Send {
     /// Number of prompts appended so far.
     fn appended(&self) -> u64;
     async fn commit(self: Box<Self>) -> StoreResult<JobId>;
+    /// Discards everything appended, releasing the transaction at once (dropping does it lazily).
+    async fn abort(self: Box<Self>);
 }
 
 #[async_trait]
@@ -48,6 +50,7 @@ pub trait JobStore: Send + Sync + 'static {
     /// Outputs of a job ordered by prompt index, starting after `after`.
     async fn list_outputs(&self, id: JobId, after: Option<u64>, limit: u32) -> StoreResult<Vec<OutputRow>>;
 
+    /// Records a worker. Re-registering a name expires the leases it held (the process restarted).
     async fn register_worker(&self, worker: &WorkerInfo) -> StoreResult<()>;
     /// Leases the best pending task for this worker, if any.
     async fn lease(&self, req: &LeaseRequest) -> StoreResult<Option<LeasedTask>>;

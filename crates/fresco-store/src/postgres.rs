@@ -105,6 +105,23 @@ fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
 
+/// Commits on success and rolls back on error, right away: a dropped transaction would otherwise keep
+/// its row locks until its connection is next used, and `SKIP LOCKED` lessees would skip those tasks.
+async fn finish<T>(tx: Transaction<'static, Postgres>, result: StoreResult<T>) -> StoreResult<T> {
+    match result {
+        Ok(v) => {
+            tx.commit().await?;
+            Ok(v)
+        }
+        Err(e) => {
+            if let Err(rb) = tx.rollback().await {
+                tracing::warn!(error = %rb, "rollback failed");
+            }
+            Err(e)
+        }
+    }
+}
+
 struct PgIngest {
     tx: Option<Transaction<'static, Postgres>>,
     job: NewJob,
@@ -165,6 +182,14 @@ impl JobIngest for PgIngest {
 
     fn appended(&self) -> u64 {
         self.planner.next_index()
+    }
+
+    async fn abort(mut self: Box<Self>) {
+        if let Some(tx) = self.tx.take() {
+            if let Err(e) = tx.rollback().await {
+                tracing::warn!(error = %e, "rollback of an aborted submission failed");
+            }
+        }
     }
 
     async fn commit(mut self: Box<Self>) -> StoreResult<JobId> {
@@ -271,55 +296,61 @@ impl JobStore for PgStore {
 
     async fn cancel_job(&self, id: JobId) -> StoreResult<JobState> {
         let mut tx = self.pool.begin().await?;
-        let row = sqlx::query("SELECT state FROM jobs WHERE id = $1 FOR UPDATE")
-            .bind(id.0)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("job {id}")))?;
-        let state: JobState = row.try_get::<String, _>("state")?.parse().map_err(StoreError::Corrupt)?;
-        if state.is_terminal() {
-            return Ok(state);
+        let result: StoreResult<JobState> = async {
+            let row = sqlx::query("SELECT state FROM jobs WHERE id = $1 FOR UPDATE")
+                .bind(id.0)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(format!("job {id}")))?;
+            let state: JobState = row.try_get::<String, _>("state")?.parse().map_err(StoreError::Corrupt)?;
+            if state.is_terminal() {
+                return Ok(state);
+            }
+            sqlx::query("UPDATE jobs SET state = 'cancelled', finished_at = now() WHERE id = $1").bind(id.0).execute(&mut *tx).await?;
+            // Lease tokens stay, so a worker's next heartbeat learns "cancelled" rather than "lost".
+            sqlx::query("UPDATE tasks SET state = 'cancelled', updated_at = now() WHERE job_id = $1 AND state IN ('pending', 'leased')")
+                .bind(id.0)
+                .execute(&mut *tx)
+                .await?;
+            Ok(JobState::Cancelled)
         }
-        sqlx::query("UPDATE jobs SET state = 'cancelled', finished_at = now() WHERE id = $1").bind(id.0).execute(&mut *tx).await?;
-        // Lease tokens stay, so a worker's next heartbeat learns "cancelled" rather than "lost".
-        sqlx::query("UPDATE tasks SET state = 'cancelled', updated_at = now() WHERE job_id = $1 AND state IN ('pending', 'leased')")
-            .bind(id.0)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(JobState::Cancelled)
+        .await;
+        finish(tx, result).await
     }
 
     async fn retry_failed(&self, id: JobId) -> StoreResult<u64> {
         let mut tx = self.pool.begin().await?;
-        let row = sqlx::query("SELECT state FROM jobs WHERE id = $1 FOR UPDATE")
-            .bind(id.0)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("job {id}")))?;
-        let state: JobState = row.try_get::<String, _>("state")?.parse().map_err(StoreError::Corrupt)?;
-        if state == JobState::Cancelled {
-            return Err(StoreError::Conflict(format!("job {id} was cancelled")));
-        }
-        let n = sqlx::query(
-            "UPDATE tasks SET state = 'pending', failures = 0, lost = 0, available_at = now(), last_error = NULL, updated_at = now() \
-             WHERE job_id = $1 AND state = 'failed'",
-        )
-        .bind(id.0)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if n > 0 {
-            sqlx::query(
-                "UPDATE jobs SET state = CASE WHEN started_at IS NULL THEN 'queued' ELSE 'running' END, finished_at = NULL, last_error = NULL \
-                 WHERE id = $1",
+        let result: StoreResult<u64> = async {
+            let row = sqlx::query("SELECT state FROM jobs WHERE id = $1 FOR UPDATE")
+                .bind(id.0)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(format!("job {id}")))?;
+            let state: JobState = row.try_get::<String, _>("state")?.parse().map_err(StoreError::Corrupt)?;
+            if state == JobState::Cancelled {
+                return Err(StoreError::Conflict(format!("job {id} was cancelled")));
+            }
+            let n = sqlx::query(
+                "UPDATE tasks SET state = 'pending', failures = 0, lost = 0, available_at = now(), last_error = NULL, updated_at = now() \
+                 WHERE job_id = $1 AND state = 'failed'",
             )
             .bind(id.0)
             .execute(&mut *tx)
-            .await?;
+            .await?
+            .rows_affected();
+            if n > 0 {
+                sqlx::query(
+                    "UPDATE jobs SET state = CASE WHEN started_at IS NULL THEN 'queued' ELSE 'running' END, finished_at = NULL, last_error = NULL \
+                     WHERE id = $1",
+                )
+                .bind(id.0)
+                .execute(&mut *tx)
+                .await?;
+            }
+            Ok(n)
         }
-        tx.commit().await?;
-        Ok(n)
+        .await;
+        finish(tx, result).await
     }
 
     async fn list_outputs(&self, id: JobId, after: Option<u64>, limit: u32) -> StoreResult<Vec<OutputRow>> {
@@ -364,6 +395,12 @@ impl JobStore for PgStore {
         .bind(&w.loaded_model)
         .execute(&self.pool)
         .await?;
+        // A worker registering under its name again has restarted and holds nothing: expire its old
+        // leases now so the next sweep requeues them instead of waiting out the TTL.
+        sqlx::query("UPDATE tasks SET lease_expires_at = now() - interval '1 millisecond' WHERE state = 'leased' AND leased_by = $1")
+            .bind(&w.name)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -472,101 +509,111 @@ impl JobStore for PgStore {
 
     async fn complete(&self, task: TaskId, token: LeaseToken, outputs: Vec<NewOutput>) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
-        let row = sqlx::query("SELECT job_id, state, lease_token, first_idx, count FROM tasks WHERE id = $1 FOR UPDATE")
+        let result: StoreResult<Option<Uuid>> = async {
+            let row = sqlx::query("SELECT job_id, state, lease_token, first_idx, count FROM tasks WHERE id = $1 FOR UPDATE")
+                .bind(task.0)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(format!("task {task}")))?;
+            let job: Uuid = row.try_get("job_id")?;
+            let state = parse_task_state(&row.try_get::<String, _>("state")?)?;
+            let held: Option<Uuid> = row.try_get("lease_token")?;
+            let (first, count) = (row.try_get::<i64, _>("first_idx")? as u64, row.try_get::<i32, _>("count")? as u64);
+            match (state, held == Some(token.0)) {
+                (TaskState::Leased, true) => {}
+                // The same report again (the first answer was lost on the way back): already recorded.
+                (TaskState::Succeeded, true) => return Ok(None),
+                (TaskState::Cancelled, true) => return Err(StoreError::Cancelled(task.0)),
+                _ => return Err(StoreError::LeaseLost(task.0)),
+            }
+            crate::ingest::check_outputs(task, first, count, &outputs)?;
+            let idx: Vec<i64> = outputs.iter().map(|o| o.index as i64).collect();
+            let keys: Vec<&str> = outputs.iter().map(|o| o.object_key.as_str()).collect();
+            let urls: Vec<&str> = outputs.iter().map(|o| o.url.as_str()).collect();
+            let shas: Vec<&str> = outputs.iter().map(|o| o.sha256.as_str()).collect();
+            let bytes: Vec<i64> = outputs.iter().map(|o| o.bytes as i64).collect();
+            let workers: Vec<&str> = outputs.iter().map(|o| o.worker.as_str()).collect();
+            let meta: Vec<Json<&serde_json::Value>> = outputs.iter().map(|o| Json(&o.metadata)).collect();
+            // A retried prompt lands on the same key: overwrite its row rather than add one.
+            sqlx::query(
+                "INSERT INTO outputs (job_id, idx, task_id, object_key, url, sha256, bytes, worker, metadata) \
+                 SELECT $1, u.idx, $2, u.key, u.url, u.sha, u.bytes, u.worker, u.meta \
+                 FROM UNNEST($3::BIGINT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::BIGINT[], $8::TEXT[], $9::JSONB[]) AS u(idx, key, url, sha, bytes, worker, meta) \
+                 ON CONFLICT (job_id, idx) DO UPDATE SET task_id = EXCLUDED.task_id, object_key = EXCLUDED.object_key, url = EXCLUDED.url, \
+                   sha256 = EXCLUDED.sha256, bytes = EXCLUDED.bytes, worker = EXCLUDED.worker, metadata = EXCLUDED.metadata, created_at = now()",
+            )
+            .bind(job)
             .bind(task.0)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("task {task}")))?;
-        let job: Uuid = row.try_get("job_id")?;
-        let state = parse_task_state(&row.try_get::<String, _>("state")?)?;
-        let held: Option<Uuid> = row.try_get("lease_token")?;
-        let (first, count) = (row.try_get::<i64, _>("first_idx")? as u64, row.try_get::<i32, _>("count")? as u64);
-        match (state, held == Some(token.0)) {
-            (TaskState::Leased, true) => {}
-            // The same report again (the first answer was lost on the way back): already recorded.
-            (TaskState::Succeeded, true) => return Ok(()),
-            (TaskState::Cancelled, true) => return Err(StoreError::Cancelled(task.0)),
-            _ => return Err(StoreError::LeaseLost(task.0)),
-        }
-        crate::ingest::check_outputs(task, first, count, &outputs)?;
-        let idx: Vec<i64> = outputs.iter().map(|o| o.index as i64).collect();
-        let keys: Vec<&str> = outputs.iter().map(|o| o.object_key.as_str()).collect();
-        let urls: Vec<&str> = outputs.iter().map(|o| o.url.as_str()).collect();
-        let shas: Vec<&str> = outputs.iter().map(|o| o.sha256.as_str()).collect();
-        let bytes: Vec<i64> = outputs.iter().map(|o| o.bytes as i64).collect();
-        let workers: Vec<&str> = outputs.iter().map(|o| o.worker.as_str()).collect();
-        let meta: Vec<Json<&serde_json::Value>> = outputs.iter().map(|o| Json(&o.metadata)).collect();
-        // A retried prompt lands on the same key: overwrite its row rather than add one.
-        sqlx::query(
-            "INSERT INTO outputs (job_id, idx, task_id, object_key, url, sha256, bytes, worker, metadata) \
-             SELECT $1, u.idx, $2, u.key, u.url, u.sha, u.bytes, u.worker, u.meta \
-             FROM UNNEST($3::BIGINT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::BIGINT[], $8::TEXT[], $9::JSONB[]) AS u(idx, key, url, sha, bytes, worker, meta) \
-             ON CONFLICT (job_id, idx) DO UPDATE SET task_id = EXCLUDED.task_id, object_key = EXCLUDED.object_key, url = EXCLUDED.url, \
-               sha256 = EXCLUDED.sha256, bytes = EXCLUDED.bytes, worker = EXCLUDED.worker, metadata = EXCLUDED.metadata, created_at = now()",
-        )
-        .bind(job)
-        .bind(task.0)
-        .bind(&idx)
-        .bind(&keys)
-        .bind(&urls)
-        .bind(&shas)
-        .bind(&bytes)
-        .bind(&workers)
-        .bind(&meta)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("UPDATE tasks SET state = 'succeeded', lease_expires_at = NULL, updated_at = now() WHERE id = $1")
-            .bind(task.0)
+            .bind(&idx)
+            .bind(&keys)
+            .bind(&urls)
+            .bind(&shas)
+            .bind(&bytes)
+            .bind(&workers)
+            .bind(&meta)
             .execute(&mut *tx)
             .await?;
-        tx.commit().await?;
-        self.finalize_job(job).await
+            sqlx::query("UPDATE tasks SET state = 'succeeded', lease_expires_at = NULL, updated_at = now() WHERE id = $1")
+                .bind(task.0)
+                .execute(&mut *tx)
+                .await?;
+            Ok(Some(job))
+        }
+        .await;
+        match finish(tx, result).await? {
+            Some(job) => self.finalize_job(job).await,
+            None => Ok(()),
+        }
     }
 
     async fn fail(&self, task: TaskId, token: LeaseToken, failure: &Failure) -> StoreResult<FailOutcome> {
         let mut tx = self.pool.begin().await?;
-        let row = sqlx::query(
-            "SELECT t.job_id, t.state, t.lease_token, t.failures, j.max_attempts FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.id = $1 FOR UPDATE OF t",
-        )
-        .bind(task.0)
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or_else(|| StoreError::NotFound(format!("task {task}")))?;
-        let job: Uuid = row.try_get("job_id")?;
-        let state = parse_task_state(&row.try_get::<String, _>("state")?)?;
-        let held: Option<Uuid> = row.try_get("lease_token")?;
-        match (state, held == Some(token.0)) {
-            (TaskState::Leased, true) => {}
-            (TaskState::Cancelled, true) => return Err(StoreError::Cancelled(task.0)),
-            _ => return Err(StoreError::LeaseLost(task.0)),
-        }
-        let failures = row.try_get::<i32, _>("failures")? as u32 + 1;
-        let max = row.try_get::<i32, _>("max_attempts")? as u32;
-        let message: String = failure.message.chars().take(4000).collect();
-        let outcome = if failure.retryable && failures < max {
-            let backoff = retry_backoff(failures, self.policy.backoff_base, self.policy.backoff_cap);
-            sqlx::query(
-                "UPDATE tasks SET state = 'pending', failures = $2, last_error = $3, lease_token = NULL, lease_expires_at = NULL, \
-                   available_at = now() + make_interval(secs => $4), updated_at = now() WHERE id = $1",
+        let result: StoreResult<(Uuid, FailOutcome)> = async {
+            let row = sqlx::query(
+                "SELECT t.job_id, t.state, t.lease_token, t.failures, j.max_attempts FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.id = $1 FOR UPDATE OF t",
             )
             .bind(task.0)
-            .bind(failures as i32)
-            .bind(&message)
-            .bind(secs(backoff))
-            .execute(&mut *tx)
-            .await?;
-            FailOutcome::Retrying { attempt: failures }
-        } else {
-            sqlx::query("UPDATE tasks SET state = 'failed', failures = $2, last_error = $3, lease_expires_at = NULL, updated_at = now() WHERE id = $1")
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("task {task}")))?;
+            let job: Uuid = row.try_get("job_id")?;
+            let state = parse_task_state(&row.try_get::<String, _>("state")?)?;
+            let held: Option<Uuid> = row.try_get("lease_token")?;
+            match (state, held == Some(token.0)) {
+                (TaskState::Leased, true) => {}
+                (TaskState::Cancelled, true) => return Err(StoreError::Cancelled(task.0)),
+                _ => return Err(StoreError::LeaseLost(task.0)),
+            }
+            let failures = row.try_get::<i32, _>("failures")? as u32 + 1;
+            let max = row.try_get::<i32, _>("max_attempts")? as u32;
+            let message: String = failure.message.chars().take(4000).collect();
+            let outcome = if failure.retryable && failures < max {
+                let backoff = retry_backoff(failures, self.policy.backoff_base, self.policy.backoff_cap);
+                sqlx::query(
+                    "UPDATE tasks SET state = 'pending', failures = $2, last_error = $3, lease_token = NULL, lease_expires_at = NULL, \
+                       available_at = now() + make_interval(secs => $4), updated_at = now() WHERE id = $1",
+                )
                 .bind(task.0)
                 .bind(failures as i32)
                 .bind(&message)
+                .bind(secs(backoff))
                 .execute(&mut *tx)
                 .await?;
-            sqlx::query("UPDATE jobs SET last_error = $2 WHERE id = $1").bind(job).bind(&message).execute(&mut *tx).await?;
-            FailOutcome::Failed
-        };
-        tx.commit().await?;
+                FailOutcome::Retrying { attempt: failures }
+            } else {
+                sqlx::query("UPDATE tasks SET state = 'failed', failures = $2, last_error = $3, lease_expires_at = NULL, updated_at = now() WHERE id = $1")
+                    .bind(task.0)
+                    .bind(failures as i32)
+                    .bind(&message)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("UPDATE jobs SET last_error = $2 WHERE id = $1").bind(job).bind(&message).execute(&mut *tx).await?;
+                FailOutcome::Failed
+            };
+            Ok((job, outcome))
+        }
+        .await;
+        let (job, outcome) = finish(tx, result).await?;
         self.finalize_job(job).await?;
         Ok(outcome)
     }

@@ -129,6 +129,23 @@ fn fence(row: &SqliteRow, task: TaskId, token: LeaseToken, allow_done: bool) -> 
     }
 }
 
+/// Commits on success and rolls back on error, right away: a dropped transaction would otherwise keep
+/// its row locks until its connection is next used, and `SKIP LOCKED` lessees would skip those tasks.
+async fn finish<T>(tx: Transaction<'static, Sqlite>, result: StoreResult<T>) -> StoreResult<T> {
+    match result {
+        Ok(v) => {
+            tx.commit().await?;
+            Ok(v)
+        }
+        Err(e) => {
+            if let Err(rb) = tx.rollback().await {
+                tracing::warn!(error = %rb, "rollback failed");
+            }
+            Err(e)
+        }
+    }
+}
+
 struct SqliteIngest {
     tx: Option<Transaction<'static, Sqlite>>,
     job: NewJob,
@@ -187,6 +204,14 @@ impl JobIngest for SqliteIngest {
 
     fn appended(&self) -> u64 {
         self.planner.next_index()
+    }
+
+    async fn abort(mut self: Box<Self>) {
+        if let Some(tx) = self.tx.take() {
+            if let Err(e) = tx.rollback().await {
+                tracing::warn!(error = %e, "rollback of an aborted submission failed");
+            }
+        }
     }
 
     async fn commit(mut self: Box<Self>) -> StoreResult<JobId> {
@@ -269,55 +294,61 @@ impl JobStore for SqliteStore {
 
     async fn cancel_job(&self, id: JobId) -> StoreResult<JobState> {
         let mut tx = self.pool.begin().await?;
-        let row = sqlx::query("SELECT state FROM jobs WHERE id = ?")
-            .bind(id.to_string())
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("job {id}")))?;
-        let state: JobState = row.try_get::<String, _>("state")?.parse().map_err(StoreError::Corrupt)?;
-        if state.is_terminal() {
-            return Ok(state);
+        let result: StoreResult<JobState> = async {
+            let row = sqlx::query("SELECT state FROM jobs WHERE id = ?")
+                .bind(id.to_string())
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(format!("job {id}")))?;
+            let state: JobState = row.try_get::<String, _>("state")?.parse().map_err(StoreError::Corrupt)?;
+            if state.is_terminal() {
+                return Ok(state);
+            }
+            let now = now_ms();
+            sqlx::query("UPDATE jobs SET state = 'cancelled', finished_at = ? WHERE id = ?").bind(now).bind(id.to_string()).execute(&mut *tx).await?;
+            sqlx::query("UPDATE tasks SET state = 'cancelled', updated_at = ? WHERE job_id = ? AND state IN ('pending', 'leased')")
+                .bind(now)
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await?;
+            Ok(JobState::Cancelled)
         }
-        let now = now_ms();
-        sqlx::query("UPDATE jobs SET state = 'cancelled', finished_at = ? WHERE id = ?").bind(now).bind(id.to_string()).execute(&mut *tx).await?;
-        sqlx::query("UPDATE tasks SET state = 'cancelled', updated_at = ? WHERE job_id = ? AND state IN ('pending', 'leased')")
-            .bind(now)
-            .bind(id.to_string())
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(JobState::Cancelled)
+        .await;
+        finish(tx, result).await
     }
 
     async fn retry_failed(&self, id: JobId) -> StoreResult<u64> {
         let mut tx = self.pool.begin().await?;
-        let row = sqlx::query("SELECT state FROM jobs WHERE id = ?")
-            .bind(id.to_string())
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("job {id}")))?;
-        if row.try_get::<String, _>("state")? == "cancelled" {
-            return Err(StoreError::Conflict(format!("job {id} was cancelled")));
-        }
-        let now = now_ms();
-        let n = sqlx::query(
-            "UPDATE tasks SET state = 'pending', failures = 0, lost = 0, available_at = ?, last_error = NULL, updated_at = ? \
-             WHERE job_id = ? AND state = 'failed'",
-        )
-        .bind(now)
-        .bind(now)
-        .bind(id.to_string())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if n > 0 {
-            sqlx::query("UPDATE jobs SET state = CASE WHEN started_at IS NULL THEN 'queued' ELSE 'running' END, finished_at = NULL, last_error = NULL WHERE id = ?")
+        let result: StoreResult<u64> = async {
+            let row = sqlx::query("SELECT state FROM jobs WHERE id = ?")
                 .bind(id.to_string())
-                .execute(&mut *tx)
-                .await?;
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(format!("job {id}")))?;
+            if row.try_get::<String, _>("state")? == "cancelled" {
+                return Err(StoreError::Conflict(format!("job {id} was cancelled")));
+            }
+            let now = now_ms();
+            let n = sqlx::query(
+                "UPDATE tasks SET state = 'pending', failures = 0, lost = 0, available_at = ?, last_error = NULL, updated_at = ? \
+                 WHERE job_id = ? AND state = 'failed'",
+            )
+            .bind(now)
+            .bind(now)
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if n > 0 {
+                sqlx::query("UPDATE jobs SET state = CASE WHEN started_at IS NULL THEN 'queued' ELSE 'running' END, finished_at = NULL, last_error = NULL WHERE id = ?")
+                    .bind(id.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            Ok(n)
         }
-        tx.commit().await?;
-        Ok(n)
+        .await;
+        finish(tx, result).await
     }
 
     async fn list_outputs(&self, id: JobId, after: Option<u64>, limit: u32) -> StoreResult<Vec<OutputRow>> {
@@ -364,6 +395,8 @@ impl JobStore for SqliteStore {
         .bind(now)
         .execute(&self.pool)
         .await?;
+        // See the PostgreSQL store: a re-registration means the old leases are dead.
+        sqlx::query("UPDATE tasks SET lease_expires_at = ? WHERE state = 'leased' AND leased_by = ?").bind(now - 1).bind(&w.name).execute(&self.pool).await?;
         Ok(())
     }
 
@@ -469,72 +502,82 @@ impl JobStore for SqliteStore {
 
     async fn complete(&self, task: TaskId, token: LeaseToken, outputs: Vec<NewOutput>) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
-        let row = Self::locked_task(&mut tx, task).await?;
-        if fence(&row, task, token, true)? {
-            return Ok(());
+        let result: StoreResult<Option<String>> = async {
+            let row = Self::locked_task(&mut tx, task).await?;
+            if fence(&row, task, token, true)? {
+                return Ok(None);
+            }
+            let job: String = row.try_get("job_id")?;
+            let (first, count) = (row.try_get::<i64, _>("first_idx")? as u64, row.try_get::<i64, _>("count")? as u64);
+            crate::ingest::check_outputs(task, first, count, &outputs)?;
+            let now = now_ms();
+            for o in &outputs {
+                sqlx::query(
+                    "INSERT INTO outputs (job_id, idx, task_id, object_key, url, sha256, bytes, worker, metadata, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                     ON CONFLICT (job_id, idx) DO UPDATE SET task_id = excluded.task_id, object_key = excluded.object_key, url = excluded.url, \
+                       sha256 = excluded.sha256, bytes = excluded.bytes, worker = excluded.worker, metadata = excluded.metadata, created_at = excluded.created_at",
+                )
+                .bind(&job)
+                .bind(o.index as i64)
+                .bind(task.0)
+                .bind(&o.object_key)
+                .bind(&o.url)
+                .bind(&o.sha256)
+                .bind(o.bytes as i64)
+                .bind(&o.worker)
+                .bind(Json(&o.metadata))
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
+            sqlx::query("UPDATE tasks SET state = 'succeeded', lease_expires_at = NULL, updated_at = ? WHERE id = ?").bind(now).bind(task.0).execute(&mut *tx).await?;
+            Ok(Some(job))
         }
-        let job: String = row.try_get("job_id")?;
-        let (first, count) = (row.try_get::<i64, _>("first_idx")? as u64, row.try_get::<i64, _>("count")? as u64);
-        crate::ingest::check_outputs(task, first, count, &outputs)?;
-        let now = now_ms();
-        for o in &outputs {
-            sqlx::query(
-                "INSERT INTO outputs (job_id, idx, task_id, object_key, url, sha256, bytes, worker, metadata, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-                 ON CONFLICT (job_id, idx) DO UPDATE SET task_id = excluded.task_id, object_key = excluded.object_key, url = excluded.url, \
-                   sha256 = excluded.sha256, bytes = excluded.bytes, worker = excluded.worker, metadata = excluded.metadata, created_at = excluded.created_at",
-            )
-            .bind(&job)
-            .bind(o.index as i64)
-            .bind(task.0)
-            .bind(&o.object_key)
-            .bind(&o.url)
-            .bind(&o.sha256)
-            .bind(o.bytes as i64)
-            .bind(&o.worker)
-            .bind(Json(&o.metadata))
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+        .await;
+        match finish(tx, result).await? {
+            Some(job) => self.finalize_job(&job).await,
+            None => Ok(()),
         }
-        sqlx::query("UPDATE tasks SET state = 'succeeded', lease_expires_at = NULL, updated_at = ? WHERE id = ?").bind(now).bind(task.0).execute(&mut *tx).await?;
-        tx.commit().await?;
-        self.finalize_job(&job).await
     }
 
     async fn fail(&self, task: TaskId, token: LeaseToken, failure: &Failure) -> StoreResult<FailOutcome> {
         let mut tx = self.pool.begin().await?;
-        let row = Self::locked_task(&mut tx, task).await?;
-        fence(&row, task, token, false)?;
-        let job: String = row.try_get("job_id")?;
-        let failures = row.try_get::<i64, _>("failures")? as u32 + 1;
-        let max = row.try_get::<i64, _>("max_attempts")? as u32;
-        let message: String = failure.message.chars().take(4000).collect();
-        let now = now_ms();
-        let outcome = if failure.retryable && failures < max {
-            let backoff = retry_backoff(failures, self.policy.backoff_base, self.policy.backoff_cap);
-            sqlx::query(
-                "UPDATE tasks SET state = 'pending', failures = ?, last_error = ?, lease_token = NULL, lease_expires_at = NULL, available_at = ?, updated_at = ? WHERE id = ?",
-            )
-            .bind(failures as i64)
-            .bind(&message)
-            .bind(now + ms(backoff))
-            .bind(now)
-            .bind(task.0)
-            .execute(&mut *tx)
-            .await?;
-            FailOutcome::Retrying { attempt: failures }
-        } else {
-            sqlx::query("UPDATE tasks SET state = 'failed', failures = ?, last_error = ?, lease_expires_at = NULL, updated_at = ? WHERE id = ?")
+        let result: StoreResult<(String, FailOutcome)> = async {
+            let row = Self::locked_task(&mut tx, task).await?;
+            fence(&row, task, token, false)?;
+            let job: String = row.try_get("job_id")?;
+            let failures = row.try_get::<i64, _>("failures")? as u32 + 1;
+            let max = row.try_get::<i64, _>("max_attempts")? as u32;
+            let message: String = failure.message.chars().take(4000).collect();
+            let now = now_ms();
+            let outcome = if failure.retryable && failures < max {
+                let backoff = retry_backoff(failures, self.policy.backoff_base, self.policy.backoff_cap);
+                sqlx::query(
+                    "UPDATE tasks SET state = 'pending', failures = ?, last_error = ?, lease_token = NULL, lease_expires_at = NULL, available_at = ?, updated_at = ? WHERE id = ?",
+                )
                 .bind(failures as i64)
                 .bind(&message)
+                .bind(now + ms(backoff))
                 .bind(now)
                 .bind(task.0)
                 .execute(&mut *tx)
                 .await?;
-            sqlx::query("UPDATE jobs SET last_error = ? WHERE id = ?").bind(&message).bind(&job).execute(&mut *tx).await?;
-            FailOutcome::Failed
-        };
-        tx.commit().await?;
+                FailOutcome::Retrying { attempt: failures }
+            } else {
+                sqlx::query("UPDATE tasks SET state = 'failed', failures = ?, last_error = ?, lease_expires_at = NULL, updated_at = ? WHERE id = ?")
+                    .bind(failures as i64)
+                    .bind(&message)
+                    .bind(now)
+                    .bind(task.0)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("UPDATE jobs SET last_error = ? WHERE id = ?").bind(&message).bind(&job).execute(&mut *tx).await?;
+                FailOutcome::Failed
+            };
+            Ok((job, outcome))
+        }
+        .await;
+        let (job, outcome) = finish(tx, result).await?;
         self.finalize_job(&job).await?;
         Ok(outcome)
     }

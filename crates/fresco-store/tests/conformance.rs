@@ -344,6 +344,18 @@ async fn job_listing_pages_and_filters(store: Arc<dyn JobStore>) {
     assert_eq!(cancelled.len(), 1);
 }
 
+async fn reregistering_a_worker_releases_its_leases(store: Arc<dyn JobStore>) {
+    submit(&*store, job("m", 1), 2).await;
+    let w = WorkerInfo { name: "w".into(), models: vec!["m".into()], device: "cpu".into(), max_batch: 1, loaded_model: None };
+    store.register_worker(&w).await.unwrap();
+    let t = store.lease(&lease_req("w", &["m"])).await.unwrap().unwrap();
+    store.lease(&lease_req("other", &["m"])).await.unwrap().unwrap();
+    store.register_worker(&w).await.unwrap();
+    assert_eq!(store.sweep_expired().await.unwrap(), SweepOutcome { requeued: 1, quarantined: 0 });
+    let again = store.lease(&lease_req("w", &["m"])).await.unwrap().unwrap();
+    assert_eq!(again.task_id, t.task_id);
+}
+
 async fn migrations_are_idempotent(store: Arc<dyn JobStore>) {
     store.migrate().await.unwrap();
     store.migrate().await.unwrap();
@@ -375,6 +387,7 @@ suite!(
     explicit_seeds_and_overrides_are_kept,
     concurrent_lessees_never_share_a_task,
     job_listing_pages_and_filters,
+    reregistering_a_worker_releases_its_leases,
     migrations_are_idempotent,
 );
 
