@@ -3,7 +3,6 @@
 
 #![allow(clippy::unwrap_used)] // test harness: failing loudly is the point
 
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

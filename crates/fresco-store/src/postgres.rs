@@ -124,6 +124,7 @@ async fn finish<T>(tx: Transaction<'static, Postgres>, result: StoreResult<T>) -
 
 struct PgIngest {
     tx: Option<Transaction<'static, Postgres>>,
+    pool: Option<PgPool>,
     job: NewJob,
     id: Uuid,
     planner: TaskPlanner,
@@ -202,6 +203,13 @@ impl JobIngest for PgIngest {
         let mut tx = self.tx.take().ok_or_else(|| StoreError::Conflict("submission already finished".into()))?;
         sqlx::query("UPDATE jobs SET total_prompts = $2 WHERE id = $1").bind(self.id).bind(total as i64).execute(&mut *tx).await?;
         tx.commit().await?;
+        if total >= 10_000 {
+            // Without fresh statistics the planner treats a table that just grew by a big job as small
+            // and scans it on every lease; autovacuum would catch up only minutes later.
+            if let Some(pool) = &self.pool {
+                sqlx::query("ANALYZE tasks").execute(pool).await?;
+            }
+        }
         Ok(JobId(self.id))
     }
 }
@@ -264,7 +272,7 @@ impl JobStore for PgStore {
             return Err(e.into());
         }
         let planner = TaskPlanner::new(job.batch_size);
-        Ok(BeginJob::New(Box::new(PgIngest { tx: Some(tx), job, id, planner })))
+        Ok(BeginJob::New(Box::new(PgIngest { tx: Some(tx), pool: Some(self.pool.clone()), job, id, planner })))
     }
 
     async fn get_job(&self, id: JobId) -> StoreResult<JobSummary> {
@@ -408,23 +416,30 @@ impl JobStore for PgStore {
         let token = Uuid::new_v4();
         // Pick the job first (few active jobs), then lock its oldest available task: priority, then the
         // model the worker already has loaded, then fair share (fewest running tasks), then age.
+        // One statement per lease (one commit): pick the job first (few active jobs), lock its oldest
+        // available task — ordering by priority, then the model the worker already has loaded, then fair
+        // share (fewest running tasks), then age — and mark the job running and the worker seen.
         let row = sqlx::query(
             "WITH ranked AS MATERIALIZED ( \
                  SELECT j.id, j.priority, j.created_at, (j.model = $2) AS loaded, \
                         (SELECT count(*) FROM tasks r WHERE r.job_id = j.id AND r.state = 'leased') AS running \
-                 FROM jobs j \
-                 WHERE j.state IN ('queued', 'running') AND j.model = ANY($1) \
-                   AND EXISTS (SELECT 1 FROM tasks p WHERE p.job_id = j.id AND p.state = 'pending' AND p.available_at <= now()) \
+                 FROM jobs j WHERE j.state IN ('queued', 'running') AND j.model = ANY($1) \
              ), picked AS MATERIALIZED ( \
                  SELECT c.id FROM ranked r CROSS JOIN LATERAL ( \
                      SELECT t.id FROM tasks t WHERE t.job_id = r.id AND t.state = 'pending' AND t.available_at <= now() \
-                     ORDER BY t.id LIMIT 1 FOR UPDATE SKIP LOCKED) c \
+                     ORDER BY t.job_id, t.id LIMIT 1 FOR UPDATE SKIP LOCKED) c \
                  ORDER BY r.priority DESC, r.loaded DESC, r.running ASC, r.created_at ASC \
                  LIMIT 1 \
              ), leased AS ( \
                  UPDATE tasks t SET state = 'leased', attempts = t.attempts + 1, lease_token = $3, leased_by = $4, \
                         lease_expires_at = now() + make_interval(secs => $5), updated_at = now() \
                  FROM picked WHERE t.id = picked.id RETURNING t.* \
+             ), started AS ( \
+                 UPDATE jobs SET state = 'running', started_at = now() WHERE id = (SELECT job_id FROM leased) AND state = 'queued' \
+             ), seen AS ( \
+                 UPDATE workers SET last_seen = now(), \
+                        loaded_model = COALESCE((SELECT j.model FROM leased l JOIN jobs j ON j.id = l.job_id), $2) \
+                 WHERE name = $4 \
              ) \
              SELECT l.*, j.model, j.output_url, j.params AS job_params FROM leased l JOIN jobs j ON j.id = l.job_id",
         )
@@ -436,11 +451,6 @@ impl JobStore for PgStore {
         .fetch_optional(&self.pool)
         .await?;
         let Some(row) = row else {
-            sqlx::query("UPDATE workers SET last_seen = now(), loaded_model = $2 WHERE name = $1")
-                .bind(&req.worker)
-                .bind(&req.loaded_model)
-                .execute(&self.pool)
-                .await?;
             return Ok(None);
         };
         let job: Uuid = row.try_get("job_id")?;
@@ -465,12 +475,6 @@ impl JobStore for PgStore {
                 })
             })
             .collect::<StoreResult<Vec<_>>>()?;
-        sqlx::query("UPDATE jobs SET state = 'running', started_at = now() WHERE id = $1 AND state = 'queued'").bind(job).execute(&self.pool).await?;
-        sqlx::query("UPDATE workers SET last_seen = now(), loaded_model = $2 WHERE name = $1")
-            .bind(&req.worker)
-            .bind(row.try_get::<String, _>("model")?)
-            .execute(&self.pool)
-            .await?;
         Ok(Some(row_to_leased(&row, prompts)?))
     }
 
