@@ -102,4 +102,9 @@ fn client_cli_reports_a_job_waiting_for_workers_then_cancels_it() {
     assert!(listed.contains(&job));
     c.client(&["cancel", &job]);
     assert_eq!(c.wait_done(&job, Duration::from_secs(10))["state"], "cancelled");
+    // WatchJob streams until the job ends: for an ended job, one event and done.
+    let watched = c.client(&["watch", &job, "--json"]);
+    let last: serde_json::Value = serde_json::from_str(watched.lines().next().unwrap()).unwrap();
+    assert_eq!(last["state"], "cancelled");
+    assert_eq!(last["cancelled"], 3);
 }

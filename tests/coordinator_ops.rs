@@ -51,9 +51,16 @@ fn health_reflection_and_metrics() {
     assert!(text.contains(&format!("fresco_job_progress{{job_id=\"{job}\",model=\"tiny-sd15\"}} 0")), "{text}");
     assert!(text.contains("fresco_live_workers 0"), "{text}");
 
-    let _w = c.worker("metered");
+    let worker_metrics = free_port();
+    let _w = c.worker_with("metered", &["--metrics-listen", &format!("127.0.0.1:{worker_metrics}")]);
     let done = c.wait_done(&job, Duration::from_secs(120));
     assert_eq!(done["state"], "succeeded");
+    let w = http_get(worker_metrics, "/metrics");
+    assert!(w.contains("fresco_worker_images_total 5"), "{w}");
+    assert!(w.contains("fresco_worker_duty_cycle"), "{w}");
+    for stage in ["encode_text", "denoise", "decode", "encode_image", "upload"] {
+        assert!(w.contains(&format!("fresco_worker_stage_seconds_count{{stage=\"{stage}\"}}")), "{stage} missing: {w}");
+    }
     let text = http_get(metrics_port, "/metrics");
     assert!(text.contains("fresco_completed_prompts_total 5"), "{text}");
     assert!(text.contains("fresco_live_workers 1"), "{text}");

@@ -249,10 +249,15 @@ impl Cluster {
     }
 
     pub fn worker(&self, name: &str) -> Proc {
+        self.worker_with(name, &[])
+    }
+
+    pub fn worker_with(&self, name: &str, extra: &[&str]) -> Proc {
         let mut cmd = Command::new(fresco_bin());
         cmd.args(["worker", "--coordinator", &self.url(), "--models"])
             .arg(models_dir(self.tmp.path()))
             .args(["--name", name, "--max-batch", "4"])
+            .args(extra)
             .envs(self.s3.env())
             .env("FRESCO_LOG", "info");
         Proc::spawn(name, cmd, &self.logs())
