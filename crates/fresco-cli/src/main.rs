@@ -24,6 +24,8 @@ enum Command {
     Generate(generate::Args),
     /// Serve the job queue over gRPC (PostgreSQL).
     Coordinator(coordinator::Args),
+    /// Apply database migrations and exit (for a deployment's migration job).
+    Migrate(coordinator::MigrateArgs),
     /// Lease batches from a coordinator, generate, upload, report.
     Worker(worker::Args),
     /// Submit a prompt file as a job; prints the job id.
@@ -54,6 +56,7 @@ fn main() -> std::process::ExitCode {
                     Command::Run(a) => run::run(a).await,
                     Command::Coordinator(a) => coordinator::run(a).await,
                     Command::Worker(a) => worker::run(a).await,
+                    Command::Migrate(a) => coordinator::migrate(a).await,
                     Command::Submit(a) => client::submit(a).await,
                     Command::Status(a) => client::status_cmd(a).await,
                     Command::Watch(a) => client::watch(a).await,

@@ -132,3 +132,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[derive(clap::Args)]
+pub struct MigrateArgs {
+    #[arg(long, env = "FRESCO_DATABASE_URL")]
+    database_url: String,
+}
+
+pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    let store = open_store(&args.database_url, 2, QueuePolicy::default()).await?;
+    store.migrate().await.context("migrations failed")?;
+    eprintln!("database is up to date");
+    Ok(())
+}
