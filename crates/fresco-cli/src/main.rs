@@ -4,7 +4,7 @@ mod commands;
 mod prompts;
 
 use clap::{Parser, Subcommand};
-use commands::{client, coordinator, generate, run, worker};
+use commands::{client, coordinator, export, generate, run, worker};
 
 #[derive(Parser)]
 #[command(name = "fresco", version, about = "Distributed batch text-to-image generation")]
@@ -40,6 +40,8 @@ enum Command {
     Jobs(client::JobsArgs),
     /// List a job's images.
     Outputs(client::JobArgs),
+    /// Export a job as a Parquet manifest or WebDataset shards.
+    Export(export::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -63,6 +65,7 @@ fn main() -> std::process::ExitCode {
                     Command::Cancel(a) => client::cancel(a).await,
                     Command::Jobs(a) => client::jobs(a).await,
                     Command::Outputs(a) => client::outputs(a).await,
+                    Command::Export(a) => export::run(a).await,
                     Command::Generate(_) => unreachable!("handled above"),
                 }
             }),

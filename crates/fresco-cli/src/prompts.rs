@@ -37,18 +37,24 @@ const KNOWN: [&str; 7] = ["prompt", "negative_prompt", "seed", "steps", "guidanc
 pub fn read_prompt_file(path: &Path) -> Result<Vec<PromptRow>, PromptFileError> {
     let file = path.display().to_string();
     let err = |line: usize, message: String| PromptFileError { file: file.clone(), line, message };
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    if ext == "parquet" {
+        let rows = parse_parquet(path).map_err(|(line, m)| err(line, m))?;
+        if rows.is_empty() {
+            return Err(err(0, "contains no prompts".into()));
+        }
+        return Ok(rows);
+    }
     let bytes = std::fs::read(path).map_err(|e| err(0, format!("cannot read: {e}")))?;
     let text = String::from_utf8(bytes).map_err(|e| {
         let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()].iter().filter(|b| **b == b'\n').count();
         err(line, "not valid UTF-8".into())
     })?;
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
     let rows = match ext.as_str() {
         "txt" | "" => parse_txt(&text),
         "jsonl" | "ndjson" => parse_jsonl(&text),
         "csv" => parse_csv(&text),
-        "parquet" => Err((0, "Parquet prompt files are not supported yet; convert to .jsonl or .csv".into())),
-        other => Err((0, format!("unknown prompt file type .{other} (use .txt, .jsonl or .csv)"))),
+        other => Err((0, format!("unknown prompt file type .{other} (use .txt, .jsonl, .csv or .parquet)"))),
     }
     .map_err(|(line, m)| err(line, m))?;
     if rows.is_empty() {
@@ -151,6 +157,59 @@ pub fn parse_csv(text: &str) -> ParseResult {
     Ok(rows)
 }
 
+/// Parquet: the same columns as CSV, read through Arrow; numbers may be any integer or float type, and
+/// other columns are rendered as text into `extra`. Errors name the row (1-based).
+pub fn parse_parquet(path: &Path) -> ParseResult {
+    use arrow_array::Array;
+    use arrow_cast::display::{ArrayFormatter, FormatOptions};
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+    let file = std::fs::File::open(path).map_err(|e| (0, format!("cannot read: {e}")))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| (0, format!("not a Parquet file: {e}")))?
+        .with_batch_size(8192)
+        .build()
+        .map_err(|e| (0, format!("cannot read Parquet: {e}")))?;
+    let mut rows = Vec::new();
+    let mut row = 0usize;
+    for batch in reader {
+        let batch = batch.map_err(|e| (row + 1, format!("cannot decode Parquet: {e}")))?;
+        let schema = batch.schema();
+        let prompt_col = schema.index_of("prompt").map_err(|_| (0, "no \"prompt\" column".to_string()))?;
+        let opts = FormatOptions::default().with_null("");
+        let formatters = batch
+            .columns()
+            .iter()
+            .map(|c| ArrayFormatter::try_new(c.as_ref(), &opts))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| (0, format!("unsupported column type: {e}")))?;
+        for i in 0..batch.num_rows() {
+            row += 1;
+            if batch.column(prompt_col).is_null(i) {
+                return Err((row, "prompt is null".into()));
+            }
+            let mut prompt = String::new();
+            let mut o = ParamOverrides::default();
+            for (c, field) in schema.fields().iter().enumerate() {
+                let name = field.name().as_str();
+                if batch.column(c).is_null(i) {
+                    continue;
+                }
+                let text = formatters[c].value(i).to_string();
+                match name {
+                    "prompt" => prompt = text,
+                    k if KNOWN.contains(&k) => set_field(&mut o, k, text.trim()).map_err(|m| (row, m))?,
+                    k => {
+                        o.extra.insert(k.to_string(), text);
+                    }
+                }
+            }
+            rows.push(checked(row, prompt, o)?);
+        }
+    }
+    Ok(rows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,6 +233,38 @@ mod tests {
         assert_eq!(parse_jsonl("{\"prompt\": \"a\", \"steps\": 0}").unwrap_err().0, 1);
         assert!(parse_jsonl("{\"prompt\": \"a\", \"width\": \"64\"}").unwrap_err().1.contains("width"));
         assert_eq!(parse_jsonl("not json").unwrap_err().0, 1);
+    }
+
+    #[test]
+    fn parquet_reads_typed_columns_and_reports_rows() {
+        use std::sync::Arc;
+        use arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray};
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, prompts: Vec<Option<&str>>, steps: Vec<Option<i64>>| {
+            let path = dir.path().join(name);
+            let n = prompts.len();
+            let batch = RecordBatch::try_from_iter(vec![
+                ("prompt", Arc::new(StringArray::from(prompts)) as ArrayRef),
+                ("steps", Arc::new(Int64Array::from(steps)) as ArrayRef),
+                ("guidance", Arc::new(Float64Array::from(vec![Some(5.5); n])) as ArrayRef),
+                ("aesthetic", Arc::new(Float64Array::from(vec![Some(6.25); n])) as ArrayRef),
+            ])
+            .unwrap();
+            let mut w = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), batch.schema(), None).unwrap();
+            w.write(&batch).unwrap();
+            w.close().unwrap();
+            path
+        };
+        let ok = parse_parquet(&write("ok.parquet", vec![Some("a cat"), Some("a dog")], vec![Some(4), None])).unwrap();
+        assert_eq!(ok.len(), 2);
+        assert_eq!(ok[0].overrides.steps, Some(4));
+        assert_eq!(ok[1].overrides.steps, None);
+        assert_eq!(ok[0].overrides.guidance, Some(5.5));
+        assert_eq!(ok[0].overrides.extra.get("aesthetic").unwrap(), "6.25");
+        let bad = parse_parquet(&write("bad.parquet", vec![Some("a"), Some("b"), Some("c")], vec![None, None, Some(0)])).unwrap_err();
+        assert_eq!(bad.0, 3);
+        assert!(bad.1.contains("steps"));
+        assert_eq!(parse_parquet(&write("null.parquet", vec![Some("a"), None], vec![None, None])).unwrap_err().0, 2);
     }
 
     #[test]

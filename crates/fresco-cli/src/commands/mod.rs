@@ -1,6 +1,7 @@
 pub mod client;
 pub mod common;
 pub mod coordinator;
+pub mod export;
 pub mod generate;
 pub mod run;
 pub mod worker;
