@@ -345,3 +345,78 @@ pub fn assert_same_images(a: &[(String, Vec<u8>)], b: &[(String, Vec<u8>)]) {
         assert!(ba == bb, "{na} differs from the undisturbed run's");
     }
 }
+
+/// A PostgreSQL server of the test's own (initdb in a temp dir, its own port), so a test may restart it.
+pub struct OwnPostgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    pub port: u16,
+}
+
+impl OwnPostgres {
+    fn pg(&self, tool: &str) -> Command {
+        // initdb and the server refuse to run as root.
+        let mut cmd = if unsafe_is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(self.bin.join(tool));
+            c
+        } else {
+            Command::new(self.bin.join(tool))
+        };
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        cmd
+    }
+
+    pub fn start() -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|rd| rd.flatten().map(|e| e.path().join("bin")).filter(|p| p.join("initdb").is_file()).max())
+            .expect("PostgreSQL server binaries (/usr/lib/postgresql/*/bin) are needed");
+        let dir = tempfile::Builder::new().prefix("fresco-pg").tempdir().unwrap();
+        if unsafe_is_root() {
+            Command::new("chown").args(["-R", "postgres"]).arg(dir.path()).status().unwrap();
+        }
+        let pg = Self { dir, bin, port: free_port() };
+        let data = pg.dir.path().join("data");
+        assert!(pg.pg("initdb").args(["-U", "postgres", "-A", "trust", "-D"]).arg(&data).status().unwrap().success(), "initdb failed");
+        pg.ctl(&["start"]);
+        pg
+    }
+
+    fn ctl(&self, action: &[&str]) {
+        let opts = format!("-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off", self.port, self.dir.path().display());
+        let ok = self
+            .pg("pg_ctl")
+            .args(["-D"])
+            .arg(self.dir.path().join("data"))
+            .args(["-l"])
+            .arg(self.dir.path().join("log"))
+            .args(["-o", &opts, "-w", "-m", "fast"])
+            .args(action)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "pg_ctl {action:?} failed: {}", std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default());
+    }
+
+    pub fn restart(&self) {
+        self.ctl(&["restart"]);
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        let _ = self.pg("pg_ctl").args(["-D"]).arg(self.dir.path().join("data")).args(["-m", "immediate", "stop"]).status();
+    }
+}
+
+fn unsafe_is_root() -> bool {
+    // SAFETY-free: geteuid has no preconditions.
+    #[allow(unsafe_code)]
+    let uid = unsafe { libc::geteuid() };
+    uid == 0
+}
