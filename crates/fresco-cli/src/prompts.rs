@@ -282,3 +282,39 @@ mod tests {
         assert_eq!(parse_csv("prompt,seed\na,1\nb\n").unwrap_err().0, 3);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Arbitrary text never panics a reader, and an error always points at a line of the input.
+        #[test]
+        fn readers_never_panic(text in "(?s).{0,400}") {
+            let lines = text.lines().count().max(1) + 1;
+            for r in [parse_txt(&text), parse_jsonl(&text), parse_csv(&text)] {
+                if let Err((line, msg)) = r {
+                    prop_assert!(line <= lines, "line {} of {} for {:?}", line, lines, msg);
+                    prop_assert!(!msg.is_empty());
+                }
+            }
+        }
+
+        /// Structured-looking JSON lines with wild values: accepted rows always pass validation.
+        #[test]
+        fn accepted_jsonl_rows_are_valid(prompt in ".{0,50}", steps in proptest::option::of(-5i64..2000), width in proptest::option::of(-8i64..5000), guidance in proptest::option::of(-10.0f64..200.0)) {
+            let mut obj = serde_json::json!({"prompt": prompt});
+            if let Some(s) = steps { obj["steps"] = s.into(); }
+            if let Some(w) = width { obj["width"] = w.into(); }
+            if let Some(g) = guidance { obj["guidance"] = g.into(); }
+            if let Ok(rows) = parse_jsonl(&obj.to_string()) {
+                prop_assert_eq!(rows.len(), 1);
+                prop_assert!(validate_prompt("prompt", &rows[0].prompt).is_ok());
+                prop_assert!(rows[0].overrides.validate("").is_ok());
+            }
+        }
+    }
+}

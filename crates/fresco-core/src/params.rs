@@ -263,3 +263,40 @@ mod tests {
         assert!(ParamOverrides::default().is_empty());
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(5000))]
+
+        /// Validation never panics, and whatever it accepts is within the documented bounds.
+        #[test]
+        fn validation_accepts_only_bounded_values(
+            steps in proptest::option::of(any::<u32>()),
+            guidance in proptest::option::of(any::<f32>()),
+            width in proptest::option::of(any::<u32>()),
+            height in proptest::option::of(any::<u32>()),
+            scheduler in proptest::option::of(".{0,20}"),
+            negative in proptest::option::of("(?s).{0,64}"),
+        ) {
+            let p = GenerationParams { steps, guidance, width, height, scheduler, negative_prompt: negative, format: ImageFormat::Png };
+            if p.validate().is_ok() {
+                prop_assert!(p.steps.map_or(true, |s| (1..=MAX_STEPS).contains(&s)));
+                prop_assert!(p.guidance.map_or(true, |g| g.is_finite() && (0.0..=MAX_GUIDANCE).contains(&g)));
+                prop_assert!(p.width.map_or(true, |w| w % 8 == 0 && w > 0 && w <= MAX_SIDE));
+                prop_assert!(p.height.map_or(true, |h| h % 8 == 0 && h > 0 && h <= MAX_SIDE));
+                prop_assert!(p.scheduler.as_deref().map_or(true, |s| SCHEDULERS.contains(&s)));
+            }
+        }
+
+        #[test]
+        fn prompts_and_model_names_never_panic(s in "(?s).{0,300}") {
+            let _ = validate_prompt("prompt", &s);
+            let _ = validate_model_name(&s);
+            let _ = validate_output_url(&s);
+        }
+    }
+}
