@@ -238,7 +238,7 @@ impl JobStore for SqliteStore {
 
     async fn begin_job(&self, job: NewJob) -> StoreResult<BeginJob> {
         crate::ingest::validate_job(&job)?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         if let Some(rid) = &job.client_request_id {
             if let Some(r) = sqlx::query("SELECT id FROM jobs WHERE client_request_id = ?").bind(rid).fetch_optional(&mut *tx).await? {
                 return Ok(BeginJob::Existing(JobId(uuid(&r.try_get::<String, _>("id")?)?)));
@@ -293,7 +293,7 @@ impl JobStore for SqliteStore {
     }
 
     async fn cancel_job(&self, id: JobId) -> StoreResult<JobState> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let result: StoreResult<JobState> = async {
             let row = sqlx::query("SELECT state FROM jobs WHERE id = ?")
                 .bind(id.to_string())
@@ -318,7 +318,7 @@ impl JobStore for SqliteStore {
     }
 
     async fn retry_failed(&self, id: JobId) -> StoreResult<u64> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let result: StoreResult<u64> = async {
             let row = sqlx::query("SELECT state FROM jobs WHERE id = ?")
                 .bind(id.to_string())
@@ -501,7 +501,7 @@ impl JobStore for SqliteStore {
     }
 
     async fn complete(&self, task: TaskId, token: LeaseToken, outputs: Vec<NewOutput>) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let result: StoreResult<Option<String>> = async {
             let row = Self::locked_task(&mut tx, task).await?;
             if fence(&row, task, token, true)? {
@@ -541,7 +541,7 @@ impl JobStore for SqliteStore {
     }
 
     async fn fail(&self, task: TaskId, token: LeaseToken, failure: &Failure) -> StoreResult<FailOutcome> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let result: StoreResult<(String, FailOutcome)> = async {
             let row = Self::locked_task(&mut tx, task).await?;
             fence(&row, task, token, false)?;
