@@ -10,10 +10,12 @@ use crate::error::{PipelineError, Result};
 use crate::image::GeneratedImage;
 use crate::loader::{Config, ModelDir};
 use crate::models::clip::ClipTextModel;
+use crate::models::mmdit::Mmdit;
+use crate::models::t5::T5Encoder;
 use crate::models::unet::{TextTimeCond, UNet};
 use crate::models::vae::VaeDecoder;
 use crate::noise::NoiseStreams;
-use crate::schedulers::SchedulerKind;
+use crate::schedulers::{FlowShift, SchedulerKind};
 use crate::tokenizer::PromptTokenizer;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +57,8 @@ pub enum Family {
     StableDiffusion,
     /// SDXL (and SDXL-Turbo): two CLIP encoders, pooled + size conditioning.
     StableDiffusionXl,
+    /// SD3 / SD3.5: CLIP-L + CLIP-G + T5, MMDiT, flow matching.
+    StableDiffusion3,
 }
 
 impl Family {
@@ -63,12 +67,13 @@ impl Family {
         match dir.class_name() {
             Some("StableDiffusionPipeline") => Ok(Self::StableDiffusion),
             Some("StableDiffusionXLPipeline") => Ok(Self::StableDiffusionXl),
-            Some(c @ ("StableDiffusion3Pipeline" | "FluxPipeline")) => Err(PipelineError::Unsupported(format!(
-                "{}: {c} (flow-matching transformer) support is not implemented yet; SD 1.x/2.x and SDXL are",
+            Some("StableDiffusion3Pipeline") => Ok(Self::StableDiffusion3),
+            Some(c @ "FluxPipeline") => Err(PipelineError::Unsupported(format!(
+                "{}: {c} support is not implemented yet; SD 1.x/2.x, SDXL and SD3 are",
                 index.display()
             ))),
             Some(other) => Err(PipelineError::Unsupported(format!(
-                "{}: pipeline class {other:?} is not a supported family (StableDiffusionPipeline, StableDiffusionXLPipeline)",
+                "{}: pipeline class {other:?} is not a supported family (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline)",
                 index.display()
             ))),
             None => Err(PipelineError::config(&index, "no \"_class_name\"")),
@@ -79,6 +84,7 @@ impl Family {
         match self {
             Self::StableDiffusion => "stable-diffusion",
             Self::StableDiffusionXl => "stable-diffusion-xl",
+            Self::StableDiffusion3 => "stable-diffusion-3",
         }
     }
 }
@@ -138,13 +144,29 @@ struct TextEncoder {
     model: ClipTextModel,
 }
 
+/// The network that predicts noise (U-Net) or velocity (MMDiT) at each step.
+enum Denoiser {
+    UNet(UNet),
+    Mmdit(Mmdit),
+}
+
+impl Denoiser {
+    fn in_channels(&self) -> usize {
+        match self {
+            Self::UNet(u) => u.config.in_channels,
+            Self::Mmdit(m) => m.config.in_channels,
+        }
+    }
+}
+
 pub struct Pipeline {
     pub family: Family,
     pub name: String,
     device: Device,
     dtype: DType,
     encoders: Vec<TextEncoder>,
-    unet: UNet,
+    t5: Option<(PromptTokenizer, T5Encoder)>,
+    denoiser: Denoiser,
     vae: VaeDecoder,
     scheduler_config: Config,
     default_scheduler: SchedulerKind,
@@ -163,7 +185,7 @@ impl Pipeline {
         let mut encoders = Vec::new();
         let pairs: &[(&str, &str)] = match family {
             Family::StableDiffusion => &[("tokenizer", "text_encoder")],
-            Family::StableDiffusionXl => &[("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")],
+            Family::StableDiffusionXl | Family::StableDiffusion3 => &[("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")],
         };
         for (tok, enc) in pairs {
             let tokenizer = PromptTokenizer::clip(&dir.component(tok)?)?;
@@ -171,45 +193,74 @@ impl Pipeline {
             let model = ClipTextModel::load(&dir.component(enc)?, with_projection, dtype, &device)?;
             encoders.push(TextEncoder { tokenizer, model });
         }
-        if family == Family::StableDiffusionXl && encoders[1].model.config.projection_dim.is_none() {
-            return Err(PipelineError::config(&dir.root.join("model_index.json"), "SDXL's text_encoder_2 must be a CLIPTextModelWithProjection"));
+        let index_path = dir.root.join("model_index.json");
+        if family != Family::StableDiffusion && encoders[1].model.config.projection_dim.is_none() {
+            return Err(PipelineError::config(&index_path, "text_encoder_2 must be a CLIPTextModelWithProjection"));
         }
-        let unet = UNet::load(&dir.component("unet")?, dtype, &device)?;
-        let unet_config = dir.component("unet")?.join("config.json");
-        match (family, unet.config.text_time) {
-            (Family::StableDiffusionXl, None) => return Err(PipelineError::config(&unet_config, "SDXL needs addition_embed_type \"text_time\"")),
-            (Family::StableDiffusion, Some(_)) => return Err(PipelineError::config(&unet_config, "addition_embed_type \"text_time\" needs an SDXL pipeline")),
-            _ => {}
+        if family == Family::StableDiffusion3 && encoders[0].model.config.projection_dim.is_none() {
+            return Err(PipelineError::config(&index_path, "SD3's text_encoder must be a CLIPTextModelWithProjection"));
         }
-        if unet.config.time_cond_proj_dim.is_some() {
-            return Err(PipelineError::config(&unet_config, "guidance-distilled U-Nets (time_cond_proj_dim) are not supported"));
-        }
+        // SD3's T5 is optional (diffusers runs with zeros in its place when it is absent).
+        let t5 = if family == Family::StableDiffusion3 && dir.has_component("text_encoder_3") {
+            let tokenizer = PromptTokenizer::t5(&dir.component("tokenizer_3")?, 256)?;
+            Some((tokenizer, T5Encoder::load(&dir.component("text_encoder_3")?, dtype, &device)?))
+        } else {
+            None
+        };
+        let denoiser = match family {
+            Family::StableDiffusion3 => Denoiser::Mmdit(Mmdit::load(&dir.component("transformer")?, dtype, &device)?),
+            _ => {
+                let unet = UNet::load(&dir.component("unet")?, dtype, &device)?;
+                let unet_config = dir.component("unet")?.join("config.json");
+                match (family, unet.config.text_time) {
+                    (Family::StableDiffusionXl, None) => return Err(PipelineError::config(&unet_config, "SDXL needs addition_embed_type \"text_time\"")),
+                    (Family::StableDiffusion, Some(_)) => return Err(PipelineError::config(&unet_config, "addition_embed_type \"text_time\" needs an SDXL pipeline")),
+                    _ => {}
+                }
+                if unet.config.time_cond_proj_dim.is_some() {
+                    return Err(PipelineError::config(&unet_config, "guidance-distilled U-Nets (time_cond_proj_dim) are not supported"));
+                }
+                Denoiser::UNet(unet)
+            }
+        };
         let vae = VaeDecoder::load(&dir.component("vae")?, dtype, &device)?;
-        if vae.config.latent_channels != unet.config.in_channels {
-            return Err(PipelineError::config(&dir.root.join("vae/config.json"), "latent_channels differs from the U-Net's in_channels"));
+        if vae.config.latent_channels != denoiser.in_channels() {
+            return Err(PipelineError::config(&dir.root.join("vae/config.json"), "latent_channels differs from the denoiser's in_channels"));
         }
         let scheduler_dir = dir.component("scheduler")?;
         let scheduler_config = Config::load(&scheduler_dir.join("scheduler_config.json"))?;
         let class = scheduler_config.opt_str("_class_name")?.or(dir.component_class("scheduler")).unwrap_or("PNDMScheduler").to_string();
         let default_scheduler = SchedulerKind::from_class(&class, &scheduler_config.path)?;
+        if default_scheduler.is_flow() != (family == Family::StableDiffusion3) {
+            return Err(PipelineError::config(&scheduler_config.path, format!("scheduler {class} does not fit a {} model", family.name())));
+        }
         let force_zeros_for_empty_prompt = dir.flag("force_zeros_for_empty_prompt").unwrap_or(family == Family::StableDiffusionXl);
 
-        let side = unet.config.sample_size * vae.config.scale_factor();
+        let sample_size = match &denoiser {
+            Denoiser::UNet(u) => u.config.sample_size,
+            Denoiser::Mmdit(m) => m.config.sample_size,
+        };
+        let side = sample_size * vae.config.scale_factor();
         // Turbo checkpoints share their architecture with the base models; only their name tells them
         // apart, and their published recipe is one step without guidance.
         let turbo = name.to_ascii_lowercase().contains("turbo");
         let defaults = ModelDefaults {
-            steps: if turbo { 1 } else { 50 },
+            steps: match (turbo, family) {
+                (true, _) => 1,
+                (false, Family::StableDiffusion3) => 28,
+                _ => 50,
+            },
             guidance: match (turbo, family) {
                 (true, _) => 0.0,
                 (false, Family::StableDiffusion) => 7.5,
                 (false, Family::StableDiffusionXl) => 5.0,
+                (false, Family::StableDiffusion3) => 7.0,
             },
             width: side,
             height: side,
         };
         tracing::info!(model = %name, family = family.name(), scheduler = default_scheduler.name(), "model loaded");
-        Ok(Self { family, name, device, dtype, encoders, unet, vae, scheduler_config, default_scheduler, force_zeros_for_empty_prompt, defaults })
+        Ok(Self { family, name, device, dtype, encoders, t5, denoiser, vae, scheduler_config, default_scheduler, force_zeros_for_empty_prompt, defaults })
     }
 
     pub fn defaults(&self) -> ModelDefaults {
@@ -222,11 +273,14 @@ impl Pipeline {
 
     /// Spatial factor between image and latent; width and height must be multiples of it.
     pub fn size_factor(&self) -> usize {
-        self.vae.config.scale_factor()
+        match &self.denoiser {
+            Denoiser::UNet(_) => self.vae.config.scale_factor(),
+            Denoiser::Mmdit(m) => self.vae.config.scale_factor() * m.config.patch_size,
+        }
     }
 
     pub fn latent_channels(&self) -> usize {
-        self.unet.config.in_channels
+        self.denoiser.in_channels()
     }
 
     pub fn device(&self) -> &Device {
@@ -265,11 +319,15 @@ impl Pipeline {
             Some(s) => SchedulerKind::from_name(s)?,
             None => self.default_scheduler,
         };
-        if scheduler.is_flow() {
-            return Err(PipelineError::param("scheduler", "flow-euler is for flow-matching models (SD3, FLUX)"));
+        if scheduler.is_flow() != self.default_scheduler.is_flow() {
+            return Err(PipelineError::param(
+                "scheduler",
+                if scheduler.is_flow() { "flow-euler is for flow-matching models (SD3, FLUX)" } else { "flow-matching models (SD3, FLUX) sample with flow-euler" },
+            ));
         }
         if let Some(l) = &req.latents {
-            let want = (b, self.latent_channels(), height / f, width / f);
+            let vf = self.vae.config.scale_factor();
+            let want = (b, self.latent_channels(), height / vf, width / vf);
             if l.dims4().ok() != Some(want) {
                 return Err(PipelineError::param("latents", format!("expected shape {want:?}, got {:?}", l.dims())));
             }
@@ -313,13 +371,14 @@ impl Pipeline {
                 let one = [h, w, 0.0, 0.0, h, w];
                 Some(Tensor::from_vec(one.repeat(rows), (rows, 6), &self.device)?.to_dtype(self.dtype)?)
             }
-            Family::StableDiffusion => None,
+            _ => None,
         };
         timings.encode = t0.elapsed();
 
         let t1 = Instant::now();
-        let mut scheduler = r.scheduler.build(&self.scheduler_config, r.steps, None)?;
-        let f = self.size_factor();
+        let shift = self.flow_shift(r.width, r.height)?;
+        let mut scheduler = r.scheduler.build(&self.scheduler_config, r.steps, shift.as_ref())?;
+        let f = self.vae.config.scale_factor();
         let shape = (b, self.latent_channels(), r.height / f, r.width / f);
         let mut noise = NoiseStreams::new(&req.seeds);
         let initial = match &req.latents {
@@ -334,11 +393,19 @@ impl Pipeline {
             }
             let input = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
             let input = scheduler.scale_model_input(input, i)?;
-            let extra = match (&extra, &time_ids) {
-                (Some(text_embeds), Some(time_ids)) => Some(TextTimeCond { text_embeds, time_ids }),
-                _ => None,
+            let out = match &self.denoiser {
+                Denoiser::UNet(unet) => {
+                    let extra = match (&extra, &time_ids) {
+                        (Some(text_embeds), Some(time_ids)) => Some(TextTimeCond { text_embeds, time_ids }),
+                        _ => None,
+                    };
+                    unet.forward(&input, *t, &context, extra)?
+                }
+                Denoiser::Mmdit(mmdit) => {
+                    let pooled = extra.as_ref().ok_or_else(|| PipelineError::Unsupported("MMDiT needs pooled text embeddings".into()))?;
+                    mmdit.forward(&input, *t, &context, pooled)?
+                }
             };
-            let out = self.unet.forward(&input, *t, &context, extra)?;
             let guided = if cfg {
                 let (u, c) = (out.narrow(0, 0, b)?, out.narrow(0, b, b)?);
                 (&u + ((&c - &u)? * r.guidance)?)?
@@ -359,21 +426,60 @@ impl Pipeline {
 
     fn encode(&self, prompts: &[String]) -> Result<Encoded> {
         let mut contexts = Vec::new();
-        let mut pooled = None;
+        let mut pooled = Vec::new();
         for enc in &self.encoders {
             let ids = prompts.iter().map(|p| enc.tokenizer.encode(p)).collect::<Result<Vec<_>>>()?;
             let out = enc.model.forward(&ids)?;
             match self.family {
                 Family::StableDiffusion => contexts.push(out.last_hidden_state),
-                Family::StableDiffusionXl => {
+                Family::StableDiffusionXl | Family::StableDiffusion3 => {
+                    // Both read the penultimate layer; SDXL pools the second encoder, SD3 both.
                     let n = out.hidden_states.len();
                     contexts.push(out.hidden_states[n - 2].clone());
-                    pooled = out.text_embeds;
+                    pooled.extend(out.text_embeds);
                 }
             }
         }
+        if self.family == Family::StableDiffusionXl {
+            pooled.drain(..pooled.len().saturating_sub(1));
+        }
         let context = if contexts.len() == 1 { contexts.remove(0) } else { Tensor::cat(&contexts, 2)? };
+        let context = match self.family {
+            Family::StableDiffusion3 => self.append_t5(prompts, context)?,
+            _ => context,
+        };
+        let pooled = if pooled.is_empty() { None } else { Some(Tensor::cat(&pooled, 1)?) };
         Ok(Encoded { context, pooled })
+    }
+
+    /// SD3: the CLIP states, padded (or cut, as `F.pad` with a negative width does) to T5's width,
+    /// followed along the sequence by T5's states — or zeros where the model ships no T5.
+    fn append_t5(&self, prompts: &[String], clip: Tensor) -> Result<Tensor> {
+        let Denoiser::Mmdit(mmdit) = &self.denoiser else { return Ok(clip) };
+        let t5 = match &self.t5 {
+            Some((tok, enc)) => {
+                let ids = prompts.iter().map(|p| tok.encode(p)).collect::<Result<Vec<_>>>()?;
+                enc.forward(&ids, &self.device)?.to_dtype(self.dtype)?
+            }
+            None => Tensor::zeros((prompts.len(), 256, mmdit.config.joint_attention_dim), self.dtype, &self.device)?,
+        };
+        let (width, clip_width) = (t5.dim(2)?, clip.dim(2)?);
+        let clip = if clip_width >= width { clip.narrow(2, 0, width)? } else { clip.pad_with_zeros(2, 0, width - clip_width)? };
+        Ok(Tensor::cat(&[&clip, &t5], 1)?)
+    }
+
+    /// The resolution-dependent shift flow models with `use_dynamic_shifting` need (diffusers'
+    /// `calculate_shift` over the image's token count).
+    fn flow_shift(&self, width: usize, height: usize) -> Result<Option<FlowShift>> {
+        let c = &self.scheduler_config;
+        if !self.default_scheduler.is_flow() || !c.bool_or("use_dynamic_shifting", false)? {
+            return Ok(None);
+        }
+        let tokens = ((width / self.size_factor()) * (height / self.size_factor())) as f64;
+        let (base_len, max_len) = (c.f64_or("base_image_seq_len", 256.0)?, c.f64_or("max_image_seq_len", 4096.0)?);
+        let (base_shift, max_shift) = (c.f64_or("base_shift", 0.5)?, c.f64_or("max_shift", 1.15)?);
+        let m = (max_shift - base_shift) / (max_len - base_len);
+        Ok(Some(FlowShift { sigmas: None, mu: Some(tokens * m + base_shift - m * base_len) }))
     }
 
     /// Unconditional embeddings per prompt: its negative prompt, or "" — or zeros for SDXL-style models

@@ -62,3 +62,8 @@ fn sd15_euler_negative() {
 fn sdxl_euler_negative() {
     run_case("sdxl-euler-negative");
 }
+
+#[test]
+fn sd3_euler_cfg() {
+    run_case("sd3-euler-cfg");
+}

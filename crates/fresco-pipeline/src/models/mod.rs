@@ -2,5 +2,7 @@
 
 pub mod blocks;
 pub mod clip;
+pub mod mmdit;
+pub mod t5;
 pub mod unet;
 pub mod vae;
