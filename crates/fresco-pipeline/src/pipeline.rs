@@ -10,6 +10,7 @@ use crate::error::{PipelineError, Result};
 use crate::image::GeneratedImage;
 use crate::loader::{Config, ModelDir};
 use crate::models::clip::ClipTextModel;
+use crate::models::flux::{self, Flux};
 use crate::models::mmdit::Mmdit;
 use crate::models::t5::T5Encoder;
 use crate::models::unet::{TextTimeCond, UNet};
@@ -59,6 +60,8 @@ pub enum Family {
     StableDiffusionXl,
     /// SD3 / SD3.5: CLIP-L + CLIP-G + T5, MMDiT, flow matching.
     StableDiffusion3,
+    /// FLUX.1 schnell / dev: CLIP (pooled) + T5, FLUX transformer on packed latents, flow matching.
+    Flux,
 }
 
 impl Family {
@@ -68,12 +71,9 @@ impl Family {
             Some("StableDiffusionPipeline") => Ok(Self::StableDiffusion),
             Some("StableDiffusionXLPipeline") => Ok(Self::StableDiffusionXl),
             Some("StableDiffusion3Pipeline") => Ok(Self::StableDiffusion3),
-            Some(c @ "FluxPipeline") => Err(PipelineError::Unsupported(format!(
-                "{}: {c} support is not implemented yet; SD 1.x/2.x, SDXL and SD3 are",
-                index.display()
-            ))),
+            Some("FluxPipeline") => Ok(Self::Flux),
             Some(other) => Err(PipelineError::Unsupported(format!(
-                "{}: pipeline class {other:?} is not a supported family (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline)",
+                "{}: pipeline class {other:?} is not a supported family (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline)",
                 index.display()
             ))),
             None => Err(PipelineError::config(&index, "no \"_class_name\"")),
@@ -85,6 +85,7 @@ impl Family {
             Self::StableDiffusion => "stable-diffusion",
             Self::StableDiffusionXl => "stable-diffusion-xl",
             Self::StableDiffusion3 => "stable-diffusion-3",
+            Self::Flux => "flux",
         }
     }
 }
@@ -148,13 +149,16 @@ struct TextEncoder {
 enum Denoiser {
     UNet(UNet),
     Mmdit(Mmdit),
+    Flux(Flux),
 }
 
 impl Denoiser {
+    /// Channels of the (unpacked) latent the denoiser works on.
     fn in_channels(&self) -> usize {
         match self {
             Self::UNet(u) => u.config.in_channels,
             Self::Mmdit(m) => m.config.in_channels,
+            Self::Flux(f) => f.config.in_channels / 4,
         }
     }
 }
@@ -184,7 +188,7 @@ impl Pipeline {
 
         let mut encoders = Vec::new();
         let pairs: &[(&str, &str)] = match family {
-            Family::StableDiffusion => &[("tokenizer", "text_encoder")],
+            Family::StableDiffusion | Family::Flux => &[("tokenizer", "text_encoder")],
             Family::StableDiffusionXl | Family::StableDiffusion3 => &[("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")],
         };
         for (tok, enc) in pairs {
@@ -194,21 +198,27 @@ impl Pipeline {
             encoders.push(TextEncoder { tokenizer, model });
         }
         let index_path = dir.root.join("model_index.json");
-        if family != Family::StableDiffusion && encoders[1].model.config.projection_dim.is_none() {
+        if matches!(family, Family::StableDiffusionXl | Family::StableDiffusion3) && encoders[1].model.config.projection_dim.is_none() {
             return Err(PipelineError::config(&index_path, "text_encoder_2 must be a CLIPTextModelWithProjection"));
         }
         if family == Family::StableDiffusion3 && encoders[0].model.config.projection_dim.is_none() {
             return Err(PipelineError::config(&index_path, "SD3's text_encoder must be a CLIPTextModelWithProjection"));
         }
         // SD3's T5 is optional (diffusers runs with zeros in its place when it is absent).
-        let t5 = if family == Family::StableDiffusion3 && dir.has_component("text_encoder_3") {
-            let tokenizer = PromptTokenizer::t5(&dir.component("tokenizer_3")?, 256)?;
-            Some((tokenizer, T5Encoder::load(&dir.component("text_encoder_3")?, dtype, &device)?))
-        } else {
-            None
+        let t5 = match family {
+            Family::StableDiffusion3 if dir.has_component("text_encoder_3") => {
+                let tokenizer = PromptTokenizer::t5(&dir.component("tokenizer_3")?, 256)?;
+                Some((tokenizer, T5Encoder::load(&dir.component("text_encoder_3")?, dtype, &device)?))
+            }
+            Family::Flux => {
+                let tokenizer = PromptTokenizer::t5(&dir.component("tokenizer_2")?, 512)?;
+                Some((tokenizer, T5Encoder::load(&dir.component("text_encoder_2")?, dtype, &device)?))
+            }
+            _ => None,
         };
         let denoiser = match family {
             Family::StableDiffusion3 => Denoiser::Mmdit(Mmdit::load(&dir.component("transformer")?, dtype, &device)?),
+            Family::Flux => Denoiser::Flux(Flux::load(&dir.component("transformer")?, dtype, &device)?),
             _ => {
                 let unet = UNet::load(&dir.component("unet")?, dtype, &device)?;
                 let unet_config = dir.component("unet")?.join("config.json");
@@ -231,7 +241,7 @@ impl Pipeline {
         let scheduler_config = Config::load(&scheduler_dir.join("scheduler_config.json"))?;
         let class = scheduler_config.opt_str("_class_name")?.or(dir.component_class("scheduler")).unwrap_or("PNDMScheduler").to_string();
         let default_scheduler = SchedulerKind::from_class(&class, &scheduler_config.path)?;
-        if default_scheduler.is_flow() != (family == Family::StableDiffusion3) {
+        if default_scheduler.is_flow() != matches!(family, Family::StableDiffusion3 | Family::Flux) {
             return Err(PipelineError::config(&scheduler_config.path, format!("scheduler {class} does not fit a {} model", family.name())));
         }
         let force_zeros_for_empty_prompt = dir.flag("force_zeros_for_empty_prompt").unwrap_or(family == Family::StableDiffusionXl);
@@ -239,15 +249,20 @@ impl Pipeline {
         let sample_size = match &denoiser {
             Denoiser::UNet(u) => u.config.sample_size,
             Denoiser::Mmdit(m) => m.config.sample_size,
+            // FLUX configs carry no sample size; its pipeline defaults to 1024 px.
+            Denoiser::Flux(_) => 1024 / vae.config.scale_factor(),
         };
         let side = sample_size * vae.config.scale_factor();
         // Turbo checkpoints share their architecture with the base models; only their name tells them
         // apart, and their published recipe is one step without guidance.
         let turbo = name.to_ascii_lowercase().contains("turbo");
+        // FLUX schnell (no guidance embedding) is distilled for 4 steps; dev runs 28 at guidance 3.5.
+        let flux_dev = matches!(&denoiser, Denoiser::Flux(f) if f.config.guidance_embeds);
         let defaults = ModelDefaults {
             steps: match (turbo, family) {
                 (true, _) => 1,
                 (false, Family::StableDiffusion3) => 28,
+                (false, Family::Flux) => if flux_dev { 28 } else { 4 },
                 _ => 50,
             },
             guidance: match (turbo, family) {
@@ -255,6 +270,7 @@ impl Pipeline {
                 (false, Family::StableDiffusion) => 7.5,
                 (false, Family::StableDiffusionXl) => 5.0,
                 (false, Family::StableDiffusion3) => 7.0,
+                (false, Family::Flux) => if flux_dev { 3.5 } else { 0.0 },
             },
             width: side,
             height: side,
@@ -276,6 +292,7 @@ impl Pipeline {
         match &self.denoiser {
             Denoiser::UNet(_) => self.vae.config.scale_factor(),
             Denoiser::Mmdit(m) => self.vae.config.scale_factor() * m.config.patch_size,
+            Denoiser::Flux(_) => self.vae.config.scale_factor() * 2,
         }
     }
 
@@ -349,7 +366,8 @@ impl Pipeline {
     pub fn generate_cancellable(&self, req: &Request, should_stop: &dyn Fn() -> bool) -> Result<(Vec<GeneratedImage>, StageTimings)> {
         let r = self.resolve(req)?;
         let b = req.prompts.len();
-        let cfg = r.guidance > 1.0;
+        // FLUX's guidance is an embedding (dev) or nothing (schnell), never classifier-free guidance.
+        let cfg = r.guidance > 1.0 && self.family != Family::Flux;
         let mut timings = StageTimings::default();
 
         let t0 = Instant::now();
@@ -376,7 +394,7 @@ impl Pipeline {
         timings.encode = t0.elapsed();
 
         let t1 = Instant::now();
-        let shift = self.flow_shift(r.width, r.height)?;
+        let shift = self.flow_shift(r.width, r.height, r.steps)?;
         let mut scheduler = r.scheduler.build(&self.scheduler_config, r.steps, shift.as_ref())?;
         let f = self.vae.config.scale_factor();
         let shape = (b, self.latent_channels(), r.height / f, r.width / f);
@@ -405,6 +423,12 @@ impl Pipeline {
                     let pooled = extra.as_ref().ok_or_else(|| PipelineError::Unsupported("MMDiT needs pooled text embeddings".into()))?;
                     mmdit.forward(&input, *t, &context, pooled)?
                 }
+                Denoiser::Flux(model) => {
+                    let pooled = extra.as_ref().ok_or_else(|| PipelineError::Unsupported("FLUX needs pooled text embeddings".into()))?;
+                    let (_, c, h, w) = input.dims4()?;
+                    let v = model.forward(&flux::pack(&input)?, h / 2, w / 2, *t, &context, pooled, Some(r.guidance))?;
+                    flux::unpack(&v, c, h, w)?
+                }
             };
             let guided = if cfg {
                 let (u, c) = (out.narrow(0, 0, b)?, out.narrow(0, b, b)?);
@@ -432,6 +456,8 @@ impl Pipeline {
             let out = enc.model.forward(&ids)?;
             match self.family {
                 Family::StableDiffusion => contexts.push(out.last_hidden_state),
+                // FLUX conditions on CLIP's pooled output only; T5 gives the token states.
+                Family::Flux => pooled.push(out.pooled),
                 Family::StableDiffusionXl | Family::StableDiffusion3 => {
                     // Both read the penultimate layer; SDXL pools the second encoder, SD3 both.
                     let n = out.hidden_states.len();
@@ -443,10 +469,14 @@ impl Pipeline {
         if self.family == Family::StableDiffusionXl {
             pooled.drain(..pooled.len().saturating_sub(1));
         }
-        let context = if contexts.len() == 1 { contexts.remove(0) } else { Tensor::cat(&contexts, 2)? };
         let context = match self.family {
-            Family::StableDiffusion3 => self.append_t5(prompts, context)?,
-            _ => context,
+            Family::Flux => self.t5_states(prompts)?,
+            Family::StableDiffusion3 => {
+                let clip = Tensor::cat(&contexts, 2)?;
+                self.append_t5(prompts, clip)?
+            }
+            _ if contexts.len() == 1 => contexts.remove(0),
+            _ => Tensor::cat(&contexts, 2)?,
         };
         let pooled = if pooled.is_empty() { None } else { Some(Tensor::cat(&pooled, 1)?) };
         Ok(Encoded { context, pooled })
@@ -457,10 +487,7 @@ impl Pipeline {
     fn append_t5(&self, prompts: &[String], clip: Tensor) -> Result<Tensor> {
         let Denoiser::Mmdit(mmdit) = &self.denoiser else { return Ok(clip) };
         let t5 = match &self.t5 {
-            Some((tok, enc)) => {
-                let ids = prompts.iter().map(|p| tok.encode(p)).collect::<Result<Vec<_>>>()?;
-                enc.forward(&ids, &self.device)?.to_dtype(self.dtype)?
-            }
+            Some(_) => self.t5_states(prompts)?,
             None => Tensor::zeros((prompts.len(), 256, mmdit.config.joint_attention_dim), self.dtype, &self.device)?,
         };
         let (width, clip_width) = (t5.dim(2)?, clip.dim(2)?);
@@ -468,18 +495,26 @@ impl Pipeline {
         Ok(Tensor::cat(&[&clip, &t5], 1)?)
     }
 
+    fn t5_states(&self, prompts: &[String]) -> Result<Tensor> {
+        let (tok, enc) = self.t5.as_ref().ok_or_else(|| PipelineError::Unsupported("this model has no T5 encoder".into()))?;
+        let ids = prompts.iter().map(|p| tok.encode(p)).collect::<Result<Vec<_>>>()?;
+        Ok(enc.forward(&ids, &self.device)?.to_dtype(self.dtype)?)
+    }
+
     /// The resolution-dependent shift flow models with `use_dynamic_shifting` need (diffusers'
     /// `calculate_shift` over the image's token count).
-    fn flow_shift(&self, width: usize, height: usize) -> Result<Option<FlowShift>> {
+    fn flow_shift(&self, width: usize, height: usize, steps: usize) -> Result<Option<FlowShift>> {
         let c = &self.scheduler_config;
+        // FLUX's pipeline passes its own sigmas: linspace(1, 1/steps, steps).
+        let sigmas = (self.family == Family::Flux).then(|| (0..steps).map(|i| 1.0 - i as f64 * (1.0 - 1.0 / steps as f64) / (steps.max(2) - 1) as f64).collect::<Vec<_>>());
         if !self.default_scheduler.is_flow() || !c.bool_or("use_dynamic_shifting", false)? {
-            return Ok(None);
+            return Ok(sigmas.map(|s| FlowShift { sigmas: Some(s), mu: None }));
         }
         let tokens = ((width / self.size_factor()) * (height / self.size_factor())) as f64;
         let (base_len, max_len) = (c.f64_or("base_image_seq_len", 256.0)?, c.f64_or("max_image_seq_len", 4096.0)?);
         let (base_shift, max_shift) = (c.f64_or("base_shift", 0.5)?, c.f64_or("max_shift", 1.15)?);
         let m = (max_shift - base_shift) / (max_len - base_len);
-        Ok(Some(FlowShift { sigmas: None, mu: Some(tokens * m + base_shift - m * base_len) }))
+        Ok(Some(FlowShift { sigmas, mu: Some(tokens * m + base_shift - m * base_len) }))
     }
 
     /// Unconditional embeddings per prompt: its negative prompt, or "" — or zeros for SDXL-style models

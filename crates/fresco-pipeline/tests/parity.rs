@@ -67,3 +67,8 @@ fn sdxl_euler_negative() {
 fn sd3_euler_cfg() {
     run_case("sd3-euler-cfg");
 }
+
+#[test]
+fn flux_schnell_4step() {
+    run_case("flux-schnell-4step");
+}

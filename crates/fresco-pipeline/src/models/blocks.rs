@@ -1,6 +1,6 @@
 //! Building blocks the U-Net and the VAE share, named as diffusers names their weights.
 
-use candle_core::{Module, Tensor};
+use candle_core::{Module, Tensor, D};
 use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
 
 pub fn conv(in_c: usize, out_c: usize, kernel: usize, stride: usize, padding: usize, vb: VarBuilder) -> candle_core::Result<Conv2d> {
@@ -135,5 +135,49 @@ pub fn timestep_embedding(t: &Tensor, dim: usize, flip_sin_to_cos: bool, freq_sh
         emb.pad_with_zeros(1, 0, 1)
     } else {
         Ok(emb)
+    }
+}
+
+/// LayerNorm without learned affine parameters (`elementwise_affine=False`).
+pub fn layer_norm_plain(x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    centered.broadcast_div(&(var + eps)?.sqrt()?)
+}
+
+/// `x * (1 + scale) + shift` with per-sample `[B, C]` modulation.
+pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> {
+    x.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?.broadcast_add(&shift.unsqueeze(1)?)
+}
+
+/// Linear → SiLU → Linear (diffusers' `TimestepEmbedding` / `PixArtAlphaTextProjection`).
+pub struct Mlp {
+    l1: Linear,
+    l2: Linear,
+}
+
+impl Mlp {
+    pub fn new(inp: usize, out: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Self { l1: linear(inp, out, vb.pp("linear_1"))?, l2: linear(out, out, vb.pp("linear_2"))? })
+    }
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.l2.forward(&candle_nn::ops::silu(&self.l1.forward(x)?)?)
+    }
+}
+
+/// The transformers' MLP: Linear ×4 → tanh-approximate GELU → Linear.
+pub struct FeedForward {
+    up: Linear,
+    down: Linear,
+}
+
+impl FeedForward {
+    pub fn new(dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Self { up: linear(dim, 4 * dim, vb.pp("net.0.proj"))?, down: linear(4 * dim, dim, vb.pp("net.2"))? })
+    }
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        // GELU with the tanh approximation ("gelu-approximate").
+        self.down.forward(&self.up.forward(x)?.gelu()?)
     }
 }

@@ -4,10 +4,10 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{linear, Conv2d, Linear, VarBuilder};
 
-use super::blocks::{attention, conv, merge_heads, split_heads, timestep_embedding};
+use super::blocks::{attention, conv, layer_norm_plain, merge_heads, modulate, split_heads, timestep_embedding, FeedForward, Mlp};
 use crate::error::{PipelineError, Result};
 use crate::loader::{Config, Weights};
 
@@ -55,47 +55,6 @@ impl MmditConfig {
 
     fn inner(&self) -> usize {
         self.heads * self.head_dim
-    }
-}
-
-fn layer_norm_plain(x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let centered = x.broadcast_sub(&mean)?;
-    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-    centered.broadcast_div(&(var + eps)?.sqrt()?)
-}
-
-/// `x * (1 + scale) + shift` with per-sample `[B, C]` modulation.
-fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> {
-    x.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?.broadcast_add(&shift.unsqueeze(1)?)
-}
-
-struct Mlp {
-    l1: Linear,
-    l2: Linear,
-}
-
-impl Mlp {
-    fn new(inp: usize, out: usize, vb: VarBuilder) -> candle_core::Result<Self> {
-        Ok(Self { l1: linear(inp, out, vb.pp("linear_1"))?, l2: linear(out, out, vb.pp("linear_2"))? })
-    }
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.l2.forward(&candle_nn::ops::silu(&self.l1.forward(x)?)?)
-    }
-}
-
-struct FeedForward {
-    up: Linear,
-    down: Linear,
-}
-
-impl FeedForward {
-    fn new(dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
-        Ok(Self { up: linear(dim, 4 * dim, vb.pp("net.0.proj"))?, down: linear(4 * dim, dim, vb.pp("net.2"))? })
-    }
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        // GELU with the tanh approximation ("gelu-approximate").
-        self.down.forward(&self.up.forward(x)?.gelu()?)
     }
 }
 
