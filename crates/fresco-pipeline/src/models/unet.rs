@@ -294,7 +294,8 @@ impl UNet {
         weights.context(Self::new(config, weights.vb.clone()))
     }
 
-    fn new(cfg: UNetConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    /// Builds the network from any weight source (benchmarks use random weights).
+    pub fn new(cfg: UNetConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let bo = &cfg.block_out;
         let n = bo.len();
         let temb = bo[0] * 4;
