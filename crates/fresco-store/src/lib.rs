@@ -11,6 +11,7 @@ mod error;
 pub mod ingest;
 pub mod postgres;
 pub mod sqlite;
+mod tx;
 mod types;
 
 use std::time::Duration;

@@ -16,6 +16,7 @@ use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 use uuid::Uuid;
 
 use crate::ingest::{prepare_prompts, PreparedPrompt};
+use crate::tx::{empty_job, finish, rollback};
 use crate::*;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
@@ -129,21 +130,15 @@ fn fence(row: &SqliteRow, task: TaskId, token: LeaseToken, allow_done: bool) -> 
     }
 }
 
-/// Commits on success and rolls back on error, right away: a dropped transaction would otherwise keep
-/// its row locks until its connection is next used, and `SKIP LOCKED` lessees would skip those tasks.
-async fn finish<T>(tx: Transaction<'static, Sqlite>, result: StoreResult<T>) -> StoreResult<T> {
-    match result {
-        Ok(v) => {
-            tx.commit().await?;
-            Ok(v)
-        }
-        Err(e) => {
-            if let Err(rb) = tx.rollback().await {
-                tracing::warn!(error = %rb, "rollback failed");
-            }
-            Err(e)
-        }
-    }
+
+/// A job's state, read under the transaction's lock (PostgreSQL: `FOR UPDATE`; SQLite: the write lock).
+async fn locked_job_state(tx: &mut Transaction<'static, Sqlite>, id: JobId) -> StoreResult<JobState> {
+    let row = sqlx::query("SELECT state FROM jobs WHERE id = ?")
+        .bind(id.to_string())
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("job {id}")))?;
+    row.try_get::<String, _>("state")?.parse().map_err(StoreError::Corrupt)
 }
 
 struct SqliteIngest {
@@ -208,16 +203,14 @@ impl JobIngest for SqliteIngest {
 
     async fn abort(mut self: Box<Self>) {
         if let Some(tx) = self.tx.take() {
-            if let Err(e) = tx.rollback().await {
-                tracing::warn!(error = %e, "rollback of an aborted submission failed");
-            }
+            rollback(tx).await;
         }
     }
 
     async fn commit(mut self: Box<Self>) -> StoreResult<JobId> {
         let total = self.planner.next_index();
         if total == 0 {
-            return Err(StoreError::Invalid(fresco_core::ValidationError::new("prompts", "a job needs at least one prompt")));
+            return Err(empty_job());
         }
         let last: Vec<PlannedTask> = self.planner.finish().into_iter().collect();
         self.insert_tasks(last).await?;
@@ -295,12 +288,7 @@ impl JobStore for SqliteStore {
     async fn cancel_job(&self, id: JobId) -> StoreResult<JobState> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let result: StoreResult<JobState> = async {
-            let row = sqlx::query("SELECT state FROM jobs WHERE id = ?")
-                .bind(id.to_string())
-                .fetch_optional(&mut *tx)
-                .await?
-                .ok_or_else(|| StoreError::NotFound(format!("job {id}")))?;
-            let state: JobState = row.try_get::<String, _>("state")?.parse().map_err(StoreError::Corrupt)?;
+            let state = locked_job_state(&mut tx, id).await?;
             if state.is_terminal() {
                 return Ok(state);
             }
@@ -320,12 +308,7 @@ impl JobStore for SqliteStore {
     async fn retry_failed(&self, id: JobId) -> StoreResult<u64> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let result: StoreResult<u64> = async {
-            let row = sqlx::query("SELECT state FROM jobs WHERE id = ?")
-                .bind(id.to_string())
-                .fetch_optional(&mut *tx)
-                .await?
-                .ok_or_else(|| StoreError::NotFound(format!("job {id}")))?;
-            if row.try_get::<String, _>("state")? == "cancelled" {
+            if locked_job_state(&mut tx, id).await? == JobState::Cancelled {
                 return Err(StoreError::Conflict(format!("job {id} was cancelled")));
             }
             let now = now_ms();
