@@ -108,3 +108,28 @@ fn client_cli_reports_a_job_waiting_for_workers_then_cancels_it() {
     assert_eq!(last["state"], "cancelled");
     assert_eq!(last["cancelled"], 3);
 }
+
+#[test]
+fn config_file_sits_between_defaults_and_the_environment() {
+    let c = Cluster::start(&[]);
+    let job = c.submit(&c.write_prompts(2), "config", 4);
+    let conf = c.tmp.path().join("fresco.conf");
+    std::fs::write(&conf, format!("# client settings\ncoordinator = \"{}\"\n", c.url())).unwrap();
+    let status = |env: Option<&str>| {
+        let mut cmd = std::process::Command::new(fresco_bin());
+        cmd.args(["status", &job, "--json", "--config", conf.to_str().unwrap()]).env_remove("FRESCO_COORDINATOR");
+        if let Some(url) = env {
+            cmd.env("FRESCO_COORDINATOR", url);
+        }
+        cmd.output().unwrap()
+    };
+    let from_file = status(None);
+    assert!(from_file.status.success(), "{}", String::from_utf8_lossy(&from_file.stderr));
+    // The environment wins over the file.
+    let from_env = status(Some("http://127.0.0.1:9"));
+    assert!(!from_env.status.success());
+    assert!(String::from_utf8_lossy(&from_env.stderr).contains("127.0.0.1:9"));
+    std::fs::write(&conf, "coordinator\n").unwrap();
+    let bad = status(None);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("line 1"));
+}

@@ -1,6 +1,7 @@
 //! `fresco`: the one binary operators and dataset builders run.
 
 mod commands;
+mod config;
 mod prompts;
 
 use clap::{Parser, Subcommand};
@@ -12,6 +13,9 @@ struct Cli {
     /// Log filter (e.g. `info`, `fresco_worker=debug`).
     #[arg(long, global = true, env = "FRESCO_LOG", default_value = "warn")]
     log: String,
+    /// File of `key = value` settings, each standing for FRESCO_KEY (the environment and flags win).
+    #[arg(long, global = true, env = "FRESCO_CONFIG")]
+    config: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -45,11 +49,19 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    // The config file feeds the environment, so it must be applied before clap reads it.
+    if let Err(e) = config::apply_from_args() {
+        eprintln!("error: config file {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
+    if let Some(path) = &cli.config {
+        tracing::info!(path = %path.display(), "settings from config file (environment and flags take precedence)");
+    }
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         command => match tokio::runtime::Runtime::new() {
