@@ -63,7 +63,7 @@ impl NoiseStreams {
     pub fn next(&mut self, dims: &[usize], device: &Device) -> candle_core::Result<Tensor> {
         let b = self.streams.len();
         let total: usize = dims.iter().product();
-        if b == 0 || total % b != 0 {
+        if b == 0 || !total.is_multiple_of(b) {
             return Err(candle_core::Error::Msg(format!("noise shape {dims:?} does not split over {b} images")));
         }
         let per = total / b;

@@ -10,6 +10,7 @@
 mod error;
 pub mod ingest;
 pub mod postgres;
+mod rows;
 pub mod sqlite;
 mod tx;
 mod types;

@@ -15,7 +15,8 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use crate::ingest::{prepare_prompts, PreparedPrompt};
-use crate::tx::{empty_job, finish, rollback};
+use crate::rows::{output_row, worker_row};
+use crate::tx::{check_fence, empty_job, finish, rollback};
 use crate::*;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
@@ -354,23 +355,7 @@ impl JobStore for PgStore {
         .bind(limit.clamp(1, 10_000) as i64)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                let Json(metadata) = r.try_get("metadata")?;
-                Ok(OutputRow {
-                    index: r.try_get::<i64, _>("idx")? as u64,
-                    prompt: r.try_get("prompt")?,
-                    negative_prompt: r.try_get("negative_prompt")?,
-                    seed: r.try_get::<i64, _>("seed")? as u64,
-                    object_key: r.try_get("object_key")?,
-                    url: r.try_get("url")?,
-                    sha256: r.try_get("sha256")?,
-                    bytes: r.try_get::<i64, _>("bytes")? as u64,
-                    worker: r.try_get("worker")?,
-                    metadata,
-                })
-            })
-            .collect()
+        rows.iter().map(output_row).collect()
     }
 
     async fn register_worker(&self, w: &WorkerInfo) -> StoreResult<()> {
@@ -506,12 +491,8 @@ impl JobStore for PgStore {
             let state = parse_task_state(&row.try_get::<String, _>("state")?)?;
             let held: Option<Uuid> = row.try_get("lease_token")?;
             let (first, count) = (row.try_get::<i64, _>("first_idx")? as u64, row.try_get::<i32, _>("count")? as u64);
-            match (state, held == Some(token.0)) {
-                (TaskState::Leased, true) => {}
-                // The same report again (the first answer was lost on the way back): already recorded.
-                (TaskState::Succeeded, true) => return Ok(None),
-                (TaskState::Cancelled, true) => return Err(StoreError::Cancelled(task.0)),
-                _ => return Err(StoreError::LeaseLost(task.0)),
+            if check_fence(task, state, held == Some(token.0), true)? {
+                return Ok(None);
             }
             crate::ingest::check_outputs(task, first, count, &outputs)?;
             let idx: Vec<i64> = outputs.iter().map(|o| o.index as i64).collect();
@@ -566,11 +547,7 @@ impl JobStore for PgStore {
             let job: Uuid = row.try_get("job_id")?;
             let state = parse_task_state(&row.try_get::<String, _>("state")?)?;
             let held: Option<Uuid> = row.try_get("lease_token")?;
-            match (state, held == Some(token.0)) {
-                (TaskState::Leased, true) => {}
-                (TaskState::Cancelled, true) => return Err(StoreError::Cancelled(task.0)),
-                _ => return Err(StoreError::LeaseLost(task.0)),
-            }
+            check_fence(task, state, held == Some(token.0), false)?;
             let failures = row.try_get::<i32, _>("failures")? as u32 + 1;
             let max = row.try_get::<i32, _>("max_attempts")? as u32;
             let message: String = failure.message.chars().take(4000).collect();
@@ -660,18 +637,7 @@ impl JobStore for PgStore {
             .bind(secs(within))
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|r| {
-                let Json(models) = r.try_get("models")?;
-                Ok(WorkerInfo {
-                    name: r.try_get("name")?,
-                    models,
-                    device: r.try_get("device")?,
-                    max_batch: r.try_get::<i32, _>("max_batch")? as u32,
-                    loaded_model: r.try_get("loaded_model")?,
-                })
-            })
-            .collect()
+        rows.iter().map(|r| worker_row(r, r.try_get::<i32, _>("max_batch")? as i64)).collect()
     }
 }
 

@@ -16,7 +16,8 @@ use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 use uuid::Uuid;
 
 use crate::ingest::{prepare_prompts, PreparedPrompt};
-use crate::tx::{empty_job, finish, rollback};
+use crate::rows::{output_row, worker_row};
+use crate::tx::{check_fence, empty_job, finish, rollback};
 use crate::*;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
@@ -122,12 +123,7 @@ impl SqliteStore {
 fn fence(row: &SqliteRow, task: TaskId, token: LeaseToken, allow_done: bool) -> StoreResult<bool> {
     let state: TaskState = row.try_get::<String, _>("state")?.parse().map_err(StoreError::Corrupt)?;
     let held = row.try_get::<Option<String>, _>("lease_token")?.map(|t| uuid(&t)).transpose()? == Some(token.0);
-    match (state, held) {
-        (TaskState::Leased, true) => Ok(false),
-        (TaskState::Succeeded, true) if allow_done => Ok(true),
-        (TaskState::Cancelled, true) => Err(StoreError::Cancelled(task.0)),
-        _ => Err(StoreError::LeaseLost(task.0)),
-    }
+    check_fence(task, state, held, allow_done)
 }
 
 
@@ -190,7 +186,7 @@ impl JobIngest for SqliteIngest {
                 .bind(&p.prompt)
                 .bind(&p.negative_prompt)
                 .bind(p.seed as i64)
-                .bind((!p.extra.is_empty()).then(|| Json(&p.extra)))
+                .bind((!p.extra.is_empty()).then_some(Json(&p.extra)))
                 .execute(&mut **tx)
                 .await?;
         }
@@ -344,23 +340,7 @@ impl JobStore for SqliteStore {
         .bind(limit.clamp(1, 10_000) as i64)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                let Json(metadata) = r.try_get("metadata")?;
-                Ok(OutputRow {
-                    index: r.try_get::<i64, _>("idx")? as u64,
-                    prompt: r.try_get("prompt")?,
-                    negative_prompt: r.try_get("negative_prompt")?,
-                    seed: r.try_get::<i64, _>("seed")? as u64,
-                    object_key: r.try_get("object_key")?,
-                    url: r.try_get("url")?,
-                    sha256: r.try_get("sha256")?,
-                    bytes: r.try_get::<i64, _>("bytes")? as u64,
-                    worker: r.try_get("worker")?,
-                    metadata,
-                })
-            })
-            .collect()
+        rows.iter().map(output_row).collect()
     }
 
     async fn register_worker(&self, w: &WorkerInfo) -> StoreResult<()> {
@@ -616,17 +596,6 @@ impl JobStore for SqliteStore {
 
     async fn live_workers(&self, within: Duration) -> StoreResult<Vec<WorkerInfo>> {
         let rows = sqlx::query("SELECT * FROM workers WHERE last_seen > ? ORDER BY name").bind(now_ms() - ms(within)).fetch_all(&self.pool).await?;
-        rows.iter()
-            .map(|r| {
-                let Json(models) = r.try_get("models")?;
-                Ok(WorkerInfo {
-                    name: r.try_get("name")?,
-                    models,
-                    device: r.try_get("device")?,
-                    max_batch: r.try_get::<i64, _>("max_batch")? as u32,
-                    loaded_model: r.try_get("loaded_model")?,
-                })
-            })
-            .collect()
+        rows.iter().map(|r| worker_row(r, r.try_get::<i64, _>("max_batch")?)).collect()
     }
 }

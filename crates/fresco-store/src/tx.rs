@@ -30,3 +30,15 @@ pub(crate) async fn rollback<DB: Database>(tx: Transaction<'static, DB>) {
 pub(crate) fn empty_job() -> crate::StoreError {
     crate::StoreError::Invalid(fresco_core::ValidationError::new("prompts", "a job needs at least one prompt"))
 }
+
+/// Fencing by lease token: whether a report about `task` may proceed. `Ok(true)` means the same report was
+/// already recorded (a completion whose answer was lost on the way back), so there is nothing to do.
+pub(crate) fn check_fence(task: fresco_core::TaskId, state: fresco_core::TaskState, token_matches: bool, allow_done: bool) -> StoreResult<bool> {
+    use fresco_core::TaskState;
+    match (state, token_matches) {
+        (TaskState::Leased, true) => Ok(false),
+        (TaskState::Succeeded, true) if allow_done => Ok(true),
+        (TaskState::Cancelled, true) => Err(crate::StoreError::Cancelled(task.0)),
+        _ => Err(crate::StoreError::LeaseLost(task.0)),
+    }
+}

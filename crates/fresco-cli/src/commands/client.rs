@@ -76,7 +76,7 @@ fn state_name(s: i32) -> &'static str {
 }
 
 fn job_json(j: &v1::Job) -> serde_json::Value {
-    let c = j.counts.clone().unwrap_or_default();
+    let c = j.counts.unwrap_or_default();
     serde_json::json!({
         "id": j.id, "state": state_name(j.state), "model": j.model, "total": j.total,
         "pending": c.pending, "running": c.running, "succeeded": c.succeeded, "failed": c.failed, "cancelled": c.cancelled,
@@ -87,7 +87,7 @@ fn job_json(j: &v1::Job) -> serde_json::Value {
 }
 
 fn job_line(j: &v1::Job) -> String {
-    let c = j.counts.clone().unwrap_or_default();
+    let c = j.counts.unwrap_or_default();
     let mut s = format!(
         "{}  {:<9}  {}  {}/{} done ({} running, {} failed)",
         j.id,
@@ -125,7 +125,7 @@ pub async fn watch(args: JobArgs) -> anyhow::Result<()> {
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len}  {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
     let mut last = None;
     while let Some(j) = stream.message().await.map_err(status)? {
-        let c = j.counts.clone().unwrap_or_default();
+        let c = j.counts.unwrap_or_default();
         bar.set_length(j.total);
         bar.set_position(c.succeeded + c.failed + c.cancelled);
         let eta = j.eta_seconds.map(|e| format!("ETA {e:.0}s")).unwrap_or_default();
