@@ -131,3 +131,48 @@ fn every_scheduler_runs_on_diffusion_models() {
         assert!(a[0].rgb.iter().any(|v| *v != a[0].rgb[0]), "{s} produced a flat image");
     }
 }
+
+/// Published checkpoints come sharded (`*.safetensors.index.json`) or as `*.fp16.safetensors` variants.
+#[test]
+fn sharded_and_fp16_weights_load() {
+    use candle_core::{DType, Device};
+    let tmp = tempfile::tempdir().unwrap();
+    let original = Pipeline::load(&fixture("tiny-sd15"), &DeviceSpec::Cpu).unwrap();
+    let reference = original.generate(&request(&["a red circle"], &[3])).unwrap();
+
+    // Sharded U-Net: two files and an index mapping every tensor to its shard.
+    let sharded = tmp.path().join("sharded");
+    copy_dir(&fixture("tiny-sd15"), &sharded);
+    let unet = sharded.join("unet");
+    let tensors = candle_core::safetensors::load(unet.join("diffusion_pytorch_model.safetensors"), &Device::Cpu).unwrap();
+    std::fs::remove_file(unet.join("diffusion_pytorch_model.safetensors")).unwrap();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (file, part) in [("diffusion_pytorch_model-00001-of-00002.safetensors", first), ("diffusion_pytorch_model-00002-of-00002.safetensors", second)] {
+        let shard: std::collections::HashMap<String, candle_core::Tensor> = part.iter().map(|n| ((*n).clone(), tensors[*n].clone())).collect();
+        candle_core::safetensors::save(&shard, unet.join(file)).unwrap();
+        for n in part {
+            weight_map.insert((*n).clone(), file.into());
+        }
+    }
+    std::fs::write(unet.join("diffusion_pytorch_model.safetensors.index.json"), serde_json::json!({"metadata": {}, "weight_map": weight_map}).to_string()).unwrap();
+    let from_shards = Pipeline::load(&sharded, &DeviceSpec::Cpu).unwrap().generate(&request(&["a red circle"], &[3])).unwrap();
+    assert_eq!(from_shards, reference, "sharded weights must give the same image");
+
+    // A missing shard is named.
+    std::fs::remove_file(unet.join("diffusion_pytorch_model-00002-of-00002.safetensors")).unwrap();
+    assert!(load_err(&sharded).contains("00002-of-00002"));
+
+    // fp16 variant only: loads, converted to f32, and stays close.
+    let half = tmp.path().join("fp16");
+    copy_dir(&fixture("tiny-sd15"), &half);
+    let unet = half.join("unet");
+    let f16: std::collections::HashMap<String, candle_core::Tensor> = tensors.iter().map(|(n, t)| (n.clone(), t.to_dtype(DType::F16).unwrap())).collect();
+    std::fs::remove_file(unet.join("diffusion_pytorch_model.safetensors")).unwrap();
+    candle_core::safetensors::save(&f16, unet.join("diffusion_pytorch_model.fp16.safetensors")).unwrap();
+    let from_half = Pipeline::load(&half, &DeviceSpec::Cpu).unwrap().generate(&request(&["a red circle"], &[3])).unwrap();
+    let max = from_half[0].rgb.iter().zip(&reference[0].rgb).map(|(a, b)| (*a as i32 - *b as i32).abs()).max().unwrap();
+    assert!(max <= 8, "fp16 weights moved a pixel by {max}");
+}
