@@ -37,12 +37,16 @@ pub struct Args {
     device: DeviceSpec,
     #[arg(long)]
     out_dir: PathBuf,
+    /// png (default, with a `parameters` text chunk), jpeg or webp.
+    #[arg(long, default_value = "png")]
+    format: String,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     if args.prompts.is_empty() {
         bail!("--prompt: at least one prompt is required");
     }
+    let format: fresco_core::ImageFormat = args.format.parse().map_err(|e: String| anyhow::anyhow!("--format: {e}"))?;
     let pipe = Pipeline::load(&args.model, &args.device)?;
     let n = args.prompts.len();
     let base_seed = args.seed.unwrap_or_else(rand_seed);
@@ -78,8 +82,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             model: &pipe.name,
         }
         .to_string();
-        let path = args.out_dir.join(format!("{i:04}.png"));
-        std::fs::write(&path, img.encode_png(Some(&text))?).with_context(|| format!("{}: cannot write", path.display()))?;
+        let path = args.out_dir.join(format!("{i:04}.{}", format.extension()));
+        std::fs::write(&path, img.encode(format, Some(&text))?).with_context(|| format!("{}: cannot write", path.display()))?;
     }
     eprintln!(
         "{n} image(s) in {} ({} steps: encode {:.2}s, denoise {:.2}s, decode {:.2}s)",
