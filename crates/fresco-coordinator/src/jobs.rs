@@ -28,9 +28,19 @@ impl JobServiceImpl {
     }
 
     async fn to_proto(&self, j: JobSummary) -> Result<v1::Job, Status> {
+        Ok(self.to_protos(vec![j]).await?.remove(0))
+    }
+
+    /// Jobs as clients see them; the live workers are read once for the whole list.
+    async fn to_protos(&self, jobs: Vec<JobSummary>) -> Result<Vec<v1::Job>, Status> {
         let live = self.c.store.live_workers(self.c.config.worker_live_window).await.map_err(status_from_store)?;
-        let served = live.iter().any(|w| w.models.contains(&j.model));
-        Ok(job_to_proto(j, !served))
+        Ok(jobs
+            .into_iter()
+            .map(|j| {
+                let served = live.iter().any(|w| w.models.contains(&j.model));
+                job_to_proto(j, !served)
+            })
+            .collect())
     }
 }
 
@@ -156,11 +166,7 @@ impl JobService for JobServiceImpl {
         let limit = if r.page_size == 0 { 50 } else { r.page_size.min(1000) };
         let jobs = self.c.store.list_jobs(&JobFilter { state: job_state_from_proto(state), before, limit }).await.map_err(status_from_store)?;
         let next_page_token = if jobs.len() == limit as usize { jobs.last().map(|j| j.id.to_string()).unwrap_or_default() } else { String::new() };
-        let mut out = Vec::with_capacity(jobs.len());
-        for j in jobs {
-            out.push(self.to_proto(j).await?);
-        }
-        Ok(Response::new(v1::ListJobsResponse { jobs: out, next_page_token }))
+        Ok(Response::new(v1::ListJobsResponse { jobs: self.to_protos(jobs).await?, next_page_token }))
     }
 
     type WatchJobStream = WatchStream;

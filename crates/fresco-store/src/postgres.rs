@@ -118,6 +118,22 @@ async fn locked_job_state(tx: &mut Transaction<'static, Postgres>, id: JobId) ->
     row.try_get::<String, _>("state")?.parse().map_err(StoreError::Corrupt)
 }
 
+/// A task row (with its job's max_attempts), locked for the rest of the transaction.
+async fn locked_task(tx: &mut Transaction<'static, Postgres>, task: TaskId) -> StoreResult<sqlx::postgres::PgRow> {
+    sqlx::query("SELECT t.*, j.max_attempts FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.id = $1 FOR UPDATE OF t")
+        .bind(task.0)
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("task {task}")))
+}
+
+/// Checks a report's lease token against the locked row; `Ok(true)` means already recorded.
+fn fence(row: &sqlx::postgres::PgRow, task: TaskId, token: LeaseToken, allow_done: bool) -> StoreResult<bool> {
+    let state = parse_task_state(&row.try_get::<String, _>("state")?)?;
+    let held: Option<Uuid> = row.try_get("lease_token")?;
+    check_fence(task, state, held == Some(token.0), allow_done)
+}
+
 struct PgIngest {
     tx: Option<Transaction<'static, Postgres>>,
     pool: Option<PgPool>,
@@ -482,16 +498,10 @@ impl JobStore for PgStore {
     async fn complete(&self, task: TaskId, token: LeaseToken, outputs: Vec<NewOutput>) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
         let result: StoreResult<Option<Uuid>> = async {
-            let row = sqlx::query("SELECT job_id, state, lease_token, first_idx, count FROM tasks WHERE id = $1 FOR UPDATE")
-                .bind(task.0)
-                .fetch_optional(&mut *tx)
-                .await?
-                .ok_or_else(|| StoreError::NotFound(format!("task {task}")))?;
+            let row = locked_task(&mut tx, task).await?;
             let job: Uuid = row.try_get("job_id")?;
-            let state = parse_task_state(&row.try_get::<String, _>("state")?)?;
-            let held: Option<Uuid> = row.try_get("lease_token")?;
             let (first, count) = (row.try_get::<i64, _>("first_idx")? as u64, row.try_get::<i32, _>("count")? as u64);
-            if check_fence(task, state, held == Some(token.0), true)? {
+            if fence(&row, task, token, true)? {
                 return Ok(None);
             }
             crate::ingest::check_outputs(task, first, count, &outputs)?;
@@ -537,17 +547,9 @@ impl JobStore for PgStore {
     async fn fail(&self, task: TaskId, token: LeaseToken, failure: &Failure) -> StoreResult<FailOutcome> {
         let mut tx = self.pool.begin().await?;
         let result: StoreResult<(Uuid, FailOutcome)> = async {
-            let row = sqlx::query(
-                "SELECT t.job_id, t.state, t.lease_token, t.failures, j.max_attempts FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.id = $1 FOR UPDATE OF t",
-            )
-            .bind(task.0)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("task {task}")))?;
+            let row = locked_task(&mut tx, task).await?;
             let job: Uuid = row.try_get("job_id")?;
-            let state = parse_task_state(&row.try_get::<String, _>("state")?)?;
-            let held: Option<Uuid> = row.try_get("lease_token")?;
-            check_fence(task, state, held == Some(token.0), false)?;
+            fence(&row, task, token, false)?;
             let failures = row.try_get::<i32, _>("failures")? as u32 + 1;
             let max = row.try_get::<i32, _>("max_attempts")? as u32;
             let message: String = failure.message.chars().take(4000).collect();
