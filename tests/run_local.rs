@@ -57,3 +57,26 @@ fn fresco_run_rejects_a_bad_prompt_file_and_submits_nothing() {
     assert!(stderr.contains("p.csv:3") && stderr.contains("steps"), "{stderr}");
     assert!(!out.exists(), "nothing is written for an invalid file");
 }
+
+/// The README's first command: no --model means the bundled fresco-tiny, from the repository root.
+#[test]
+fn fresco_run_uses_the_bundled_model_by_default() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let o = Command::new(fresco_bin())
+        .current_dir(repo_root())
+        .args(["run", "examples/prompts.txt", "--out", out.to_str().unwrap(), "--quiet"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let prompts = std::fs::read_to_string(repo_root().join("examples/prompts.txt")).unwrap();
+    let jobs: Vec<_> = std::fs::read_dir(&out).unwrap().flatten().filter(|e| e.path().is_dir()).collect();
+    assert_eq!(jobs.len(), 1);
+    for (i, prompt) in prompts.lines().enumerate() {
+        let sidecar: serde_json::Value = serde_json::from_slice(&std::fs::read(jobs[0].path().join(format!("{i:08}.json"))).unwrap()).unwrap();
+        assert_eq!(sidecar["model"], "fresco-tiny");
+        assert_eq!(sidecar["prompt"], prompt);
+        assert_eq!((sidecar["width"].as_u64(), sidecar["height"].as_u64()), (Some(64), Some(64)));
+        assert!(jobs[0].path().join(format!("{i:08}.png")).is_file());
+    }
+}

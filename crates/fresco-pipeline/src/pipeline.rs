@@ -241,7 +241,9 @@ impl Pipeline {
         let scheduler_config = Config::load(&scheduler_dir.join("scheduler_config.json"))?;
         let class = scheduler_config.opt_str("_class_name")?.or(dir.component_class("scheduler")).unwrap_or("PNDMScheduler").to_string();
         let default_scheduler = SchedulerKind::from_class(&class, &scheduler_config.path)?;
-        if default_scheduler.is_flow() != matches!(family, Family::StableDiffusion3 | Family::Flux) {
+        // Transformer families are flow models only. A U-Net may be either: with a flow-matching scheduler
+        // it is read as a rectified flow predicting velocity (fresco-tiny-flow is one).
+        if !default_scheduler.is_flow() && matches!(family, Family::StableDiffusion3 | Family::Flux) {
             return Err(PipelineError::config(&scheduler_config.path, format!("scheduler {class} does not fit a {} model", family.name())));
         }
         let force_zeros_for_empty_prompt = dir.flag("force_zeros_for_empty_prompt").unwrap_or(family == Family::StableDiffusionXl);
@@ -258,10 +260,12 @@ impl Pipeline {
         let turbo = name.to_ascii_lowercase().contains("turbo");
         // FLUX schnell (no guidance embedding) is distilled for 4 steps; dev runs 28 at guidance 3.5.
         let flux_dev = matches!(&denoiser, Denoiser::Flux(f) if f.config.guidance_embeds);
+        let flow_unet = default_scheduler.is_flow() && matches!(family, Family::StableDiffusion | Family::StableDiffusionXl);
         let defaults = ModelDefaults {
             steps: match (turbo, family) {
                 (true, _) => 1,
                 (false, Family::StableDiffusion3) => 28,
+                (false, _) if flow_unet => 28,
                 (false, Family::Flux) => if flux_dev { 28 } else { 4 },
                 _ => 50,
             },
@@ -275,6 +279,7 @@ impl Pipeline {
             width: side,
             height: side,
         };
+        let defaults = model_defaults(&dir, defaults)?;
         tracing::info!(model = %name, family = family.name(), scheduler = default_scheduler.name(), "model loaded");
         Ok(Self { family, name, device, dtype, encoders, t5, denoiser, vae, scheduler_config, default_scheduler, force_zeros_for_empty_prompt, defaults })
     }
@@ -538,6 +543,23 @@ impl Pipeline {
         }
         Ok(Encoded { context: Tensor::cat(&ctx, 0)?, pooled: if pooled.is_empty() { None } else { Some(Tensor::cat(&pooled, 0)?) } })
     }
+}
+
+/// A model may state its own sampling recipe in `model_index.json` under `_fresco_defaults`
+/// (`{"steps": 20, "guidance": 4.0}`); diffusers ignores keys that start with an underscore.
+fn model_defaults(dir: &ModelDir, family_defaults: ModelDefaults) -> Result<ModelDefaults> {
+    let Some(own) = dir.index.get("_fresco_defaults") else { return Ok(family_defaults) };
+    let index = Config::from_value(&dir.root.join("model_index.json"), own.clone());
+    let bad = |key: &str, v: String| PipelineError::config(&index.path, format!("_fresco_defaults.{key}: {v}"));
+    let steps = index.usize_or("steps", family_defaults.steps)?;
+    if steps == 0 || steps > 1000 {
+        return Err(bad("steps", format!("must be 1..=1000, got {steps}")));
+    }
+    let guidance = index.f64_or("guidance", family_defaults.guidance)?;
+    if !guidance.is_finite() || guidance < 0.0 {
+        return Err(bad("guidance", format!("must be a non-negative number, got {guidance}")));
+    }
+    Ok(ModelDefaults { steps, guidance, ..family_defaults })
 }
 
 struct Encoded {

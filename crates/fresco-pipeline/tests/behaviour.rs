@@ -176,3 +176,38 @@ fn sharded_and_fp16_weights_load() {
     let max = from_half[0].rgb.iter().zip(&reference[0].rgb).map(|(a, b)| (*a as i32 - *b as i32).abs()).max().unwrap();
     assert!(max <= 8, "fp16 weights moved a pixel by {max}");
 }
+
+/// A model may state its own recipe in `model_index.json`; a U-Net with a flow-matching scheduler is
+/// read as a rectified flow (fresco-tiny-flow is one); transformer families stay flow-only.
+#[test]
+fn model_defaults_and_flow_unets() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    copy_dir(&fixture("tiny-sd15"), &model);
+    let index = model.join("model_index.json");
+    let original = std::fs::read_to_string(&index).unwrap();
+    let with = |extra: &str| std::fs::write(&index, original.replacen('{', &format!("{{ \"_fresco_defaults\": {extra},"), 1)).unwrap();
+
+    with(r#"{"steps": 7, "guidance": 2.5}"#);
+    let pipe = Pipeline::load(&model, &DeviceSpec::Cpu).unwrap();
+    assert_eq!((pipe.defaults().steps, pipe.defaults().guidance), (7, 2.5));
+    with(r#"{"steps": 0}"#);
+    let e = load_err(&model);
+    assert!(e.contains("model_index.json") && e.contains("steps"), "{e}");
+    with(r#"{"guidance": "lots"}"#);
+    assert!(load_err(&model).contains("guidance"));
+    std::fs::write(&index, &original).unwrap();
+
+    std::fs::write(model.join("scheduler/scheduler_config.json"), r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}"#).unwrap();
+    let flow = Pipeline::load(&model, &DeviceSpec::Cpu).unwrap();
+    assert_eq!(flow.default_scheduler().name(), "flow-euler");
+    let r = Request { steps: Some(3), ..request(&["a red circle"], &[5]) };
+    let a = flow.generate(&r).unwrap();
+    assert_eq!(a, flow.generate(&r).unwrap());
+    assert!(matches!(flow.generate(&Request { scheduler: Some("ddim".into()), ..r.clone() }), Err(PipelineError::InvalidParam { field, .. }) if field == "scheduler"));
+
+    let sd3 = tmp.path().join("sd3");
+    copy_dir(&fixture("tiny-sd3"), &sd3);
+    std::fs::write(sd3.join("scheduler/scheduler_config.json"), r#"{"_class_name": "DDIMScheduler"}"#).unwrap();
+    assert!(load_err(&sd3).contains("scheduler_config.json"));
+}

@@ -1,9 +1,11 @@
 pub mod client;
 pub mod common;
 pub mod coordinator;
+pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod run;
+pub mod train;
 pub mod worker;
 
 use fresco_core::{GenerationParams, ImageFormat};

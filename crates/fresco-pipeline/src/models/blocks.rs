@@ -1,10 +1,48 @@
 //! Building blocks the U-Net and the VAE share, named as diffusers names their weights.
 
 use candle_core::{Module, Tensor, D};
-use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{conv2d, group_norm, linear, Conv2dConfig, GroupNorm, Linear, VarBuilder};
 
 pub fn conv(in_c: usize, out_c: usize, kernel: usize, stride: usize, padding: usize, vb: VarBuilder) -> candle_core::Result<Conv2d> {
-    conv2d(in_c, out_c, kernel, Conv2dConfig { padding, stride, ..Default::default() }, vb)
+    Ok(Conv2d(conv2d(in_c, out_c, kernel, Conv2dConfig { padding, stride, ..Default::default() }, vb)?))
+}
+
+/// A 2-D convolution. Inference runs candle's kernel. While a graph is recorded (training) it runs as
+/// im2col — shifted slices concatenated, then one matmul — because candle's conv backward goes through a
+/// direct `conv_transpose2d` loop that is some fifty times slower on the CPU than the matmul's backward.
+pub struct Conv2d(candle_nn::Conv2d);
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let cfg = self.0.config();
+        let weight = self.0.weight();
+        if !(x.track_op() || weight.track_op()) || cfg.dilation != 1 || cfg.groups != 1 {
+            return self.0.forward(x);
+        }
+        let (b, c, h, w) = x.dims4()?;
+        let (o, _, kh, kw) = weight.dims4()?;
+        let p = cfg.padding;
+        let xp = if p > 0 { x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)? } else { x.clone() };
+        let (oh, ow) = (h + 2 * p + 1 - kh, w + 2 * p + 1 - kw);
+        let mut slices = Vec::with_capacity(kh * kw);
+        for dy in 0..kh {
+            for dx in 0..kw {
+                slices.push(xp.narrow(2, dy, oh)?.narrow(3, dx, ow)?);
+            }
+        }
+        let cols = Tensor::cat(&slices, 1)?.reshape((b, kh * kw * c, oh * ow))?;
+        // Column order is (dy, dx) major, channel minor; the weight is laid out to match.
+        let wm = weight.permute((0, 2, 3, 1))?.reshape((o, kh * kw * c))?;
+        let mut out = wm.broadcast_matmul(&cols)?.reshape((b, o, oh, ow))?;
+        if cfg.stride > 1 {
+            let pick = |n: usize| Tensor::arange_step(0u32, n as u32, cfg.stride as u32, x.device());
+            out = out.index_select(&pick(oh)?, 2)?.index_select(&pick(ow)?, 3)?;
+        }
+        match self.0.bias() {
+            Some(bias) => out.broadcast_add(&bias.reshape((1, o, 1, 1))?),
+            None => Ok(out),
+        }
+    }
 }
 
 /// diffusers' `ResnetBlock2D` (default time-embedding handling, optional 1×1 shortcut).
@@ -95,9 +133,15 @@ impl Upsample {
     }
 
     pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> candle_core::Result<Tensor> {
-        let (_, _, h, w) = x.dims4()?;
+        let (b, c, h, w) = x.dims4()?;
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
-        self.conv.forward(&x.upsample_nearest2d(th, tw)?)
+        let up = if x.track_op() && (th, tw) == (2 * h, 2 * w) {
+            // Training: a broadcast, whose backward is a sum (candle's runs a grouped convolution).
+            x.reshape((b, c, h, 1, w, 1))?.broadcast_as((b, c, h, 2, w, 2))?.reshape((b, c, th, tw))?
+        } else {
+            x.upsample_nearest2d(th, tw)?
+        };
+        self.conv.forward(&up)
     }
 }
 
@@ -105,7 +149,45 @@ impl Upsample {
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
     let d = q.dim(candle_core::D::Minus1)?;
     let w = (q.matmul(&k.t()?)? * (d as f64).powf(-0.5))?;
-    candle_nn::ops::softmax_last_dim(&w)?.matmul(v)
+    softmax_last_dim(&w)?.matmul(v)
+}
+
+/// Softmax over the last axis. candle's fused kernel records no backward op, so while a graph is being
+/// recorded (training: some input is a variable) the composed, differentiable form runs instead.
+pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    if x.track_op() {
+        candle_nn::ops::softmax(x, D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(x)
+    }
+}
+
+/// LayerNorm with learned scale and shift. Like [`softmax_last_dim`] it takes the fused kernel only when no
+/// gradient is wanted: candle's `ops::layer_norm` would silently leave the parameters untrained.
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints(dim, "weight", candle_nn::Init::Const(1.0))?,
+            bias: vb.get_with_hints(dim, "bias", candle_nn::Init::Const(0.0))?,
+            eps,
+        })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if x.track_op() || self.weight.track_op() {
+            layer_norm_plain(x, self.eps)?.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+        } else {
+            candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)
+        }
+    }
 }
 
 /// Splits `[B, N, heads*d]` into `[B, heads, N, d]`.
@@ -179,5 +261,44 @@ impl FeedForward {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         // GELU with the tanh approximation ("gelu-approximate").
         self.down.forward(&self.up.forward(x)?.gelu()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    /// The training path (im2col) computes exactly what candle's kernel computes at inference.
+    #[test]
+    fn training_convolution_matches_the_inference_kernel() {
+        let dev = Device::Cpu;
+        for (k, stride, padding) in [(3, 1, 1), (3, 2, 1), (3, 2, 0), (1, 1, 0)] {
+            let map = VarMap::new();
+            let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
+            let c = conv(5, 7, k, stride, padding, vb).expect("conv");
+            let x = Tensor::randn(0f32, 1., (2, 5, 9, 8), &dev).expect("x");
+            let trained = c.forward(&x).expect("im2col");
+            let frozen = candle_nn::Conv2d::new(c.0.weight().detach(), c.0.bias().map(Tensor::detach), *c.0.config());
+            let reference = frozen.forward(&x).expect("kernel");
+            assert_eq!(trained.dims(), reference.dims(), "k{k} s{stride} p{padding}");
+            let diff = (trained - reference).expect("sub").abs().expect("abs").max_all().expect("max").to_scalar::<f32>().expect("scalar");
+            assert!(diff < 1e-4, "k{k} s{stride} p{padding}: max difference {diff}");
+        }
+    }
+
+    #[test]
+    fn training_upsample_matches_nearest() {
+        let dev = Device::Cpu;
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
+        let up = Upsample::new(3, vb).expect("upsample");
+        let x = Tensor::randn(0f32, 1., (2, 3, 4, 5), &dev).expect("x");
+        let trained = up.forward(&x, None).expect("broadcast path");
+        let frozen = candle_nn::Conv2d::new(up.conv.0.weight().detach(), up.conv.0.bias().map(Tensor::detach), *up.conv.0.config());
+        let reference = frozen.forward(&x.upsample_nearest2d(8, 10).expect("up")).expect("conv");
+        let diff = (trained - reference).expect("sub").abs().expect("abs").max_all().expect("max").to_scalar::<f32>().expect("scalar");
+        assert!(diff < 1e-4, "max difference {diff}");
     }
 }

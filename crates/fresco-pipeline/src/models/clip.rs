@@ -5,8 +5,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
-use candle_nn::{embedding, layer_norm, linear, linear_no_bias, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{embedding, linear, linear_no_bias, Embedding, Linear, VarBuilder};
 
+use super::blocks::{softmax_last_dim, LayerNorm};
 use crate::error::{PipelineError, Result};
 use crate::loader::{Config, Weights};
 
@@ -75,7 +76,7 @@ impl Attention {
         let k = shape(self.k.forward(x)?)?;
         let v = shape(self.v.forward(x)?)?;
         let w = q.matmul(&k.t()?)?.broadcast_add(mask)?;
-        let w = candle_nn::ops::softmax_last_dim(&w)?;
+        let w = softmax_last_dim(&w)?;
         let o = w.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
         self.out.forward(&o)
     }
@@ -131,7 +132,8 @@ impl ClipTextModel {
         Ok(model)
     }
 
-    fn new(config: ClipConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    /// Builds the encoder from any weight source (training builds it over fresh variables).
+    pub fn new(config: ClipConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         // transformers 4 saves CLIPTextModel weights under `text_model.`; transformers 5 drops the prefix.
         let t = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") { vb.pp("text_model") } else { vb.clone() };
         let e = t.pp("embeddings");
@@ -143,7 +145,7 @@ impl ClipTextModel {
             let l = t.pp(format!("encoder.layers.{i}"));
             let a = l.pp("self_attn");
             layers.push(Layer {
-                ln1: layer_norm(h, config.layer_norm_eps, l.pp("layer_norm1"))?,
+                ln1: LayerNorm::new(h, config.layer_norm_eps, l.pp("layer_norm1"))?,
                 attn: Attention {
                     q: linear(h, h, a.pp("q_proj"))?,
                     k: linear(h, h, a.pp("k_proj"))?,
@@ -151,13 +153,13 @@ impl ClipTextModel {
                     out: linear(h, h, a.pp("out_proj"))?,
                     heads: config.num_heads,
                 },
-                ln2: layer_norm(h, config.layer_norm_eps, l.pp("layer_norm2"))?,
+                ln2: LayerNorm::new(h, config.layer_norm_eps, l.pp("layer_norm2"))?,
                 fc1: linear(h, config.intermediate_size, l.pp("mlp.fc1"))?,
                 fc2: linear(config.intermediate_size, h, l.pp("mlp.fc2"))?,
                 act: config.activation,
             });
         }
-        let final_norm = layer_norm(h, config.layer_norm_eps, t.pp("final_layer_norm"))?;
+        let final_norm = LayerNorm::new(h, config.layer_norm_eps, t.pp("final_layer_norm"))?;
         let projection = match config.projection_dim {
             Some(p) => Some(linear_no_bias(h, p, vb.pp("text_projection"))?),
             None => None,

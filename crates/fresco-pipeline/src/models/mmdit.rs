@@ -5,9 +5,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{linear, Conv2d, Linear, VarBuilder};
+use candle_nn::{linear, Linear, VarBuilder};
 
-use super::blocks::{attention, conv, layer_norm_plain, merge_heads, modulate, split_heads, timestep_embedding, FeedForward, Mlp};
+use super::blocks::{Conv2d, attention, conv, layer_norm_plain, merge_heads, modulate, split_heads, timestep_embedding, FeedForward, Mlp};
 use crate::error::{PipelineError, Result};
 use crate::loader::{Config, Weights};
 

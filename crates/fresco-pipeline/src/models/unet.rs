@@ -5,9 +5,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{group_norm, layer_norm, linear, linear_no_bias, Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{group_norm, linear, linear_no_bias, GroupNorm, Linear, VarBuilder};
 
-use super::blocks::{attention, conv, merge_heads, split_heads, timestep_embedding, Downsample, ResnetBlock, Upsample};
+use super::blocks::{Conv2d, attention, conv, merge_heads, split_heads, timestep_embedding, Downsample, LayerNorm, ResnetBlock, Upsample};
 use crate::error::{PipelineError, Result};
 use crate::loader::{Config, Weights};
 
@@ -167,11 +167,11 @@ impl BasicTransformerBlock {
     fn new(dim: usize, heads: usize, context_dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         let inner = dim * 4;
         Ok(Self {
-            norm1: layer_norm(dim, 1e-5, vb.pp("norm1"))?,
+            norm1: LayerNorm::new(dim, 1e-5, vb.pp("norm1"))?,
             attn1: CrossAttention::new(dim, dim, heads, vb.pp("attn1"))?,
-            norm2: layer_norm(dim, 1e-5, vb.pp("norm2"))?,
+            norm2: LayerNorm::new(dim, 1e-5, vb.pp("norm2"))?,
             attn2: CrossAttention::new(dim, context_dim, heads, vb.pp("attn2"))?,
-            norm3: layer_norm(dim, 1e-5, vb.pp("norm3"))?,
+            norm3: LayerNorm::new(dim, 1e-5, vb.pp("norm3"))?,
             ff_in: linear(dim, inner * 2, vb.pp("ff.net.0.proj"))?,
             ff_out: linear(inner, dim, vb.pp("ff.net.2"))?,
         })
@@ -363,11 +363,15 @@ impl UNet {
 
     /// One denoiser evaluation. `timestep` is a scalar shared by the batch (possibly fractional).
     pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor, extra: Option<TextTimeCond>) -> candle_core::Result<Tensor> {
+        let t = Tensor::full(timestep as f32, sample.dim(0)?, sample.device())?;
+        self.forward_t(sample, &t, context, extra)
+    }
+
+    /// One denoiser evaluation with a timestep per sample (`[B]`, f32), as training draws them.
+    pub fn forward_t(&self, sample: &Tensor, t: &Tensor, context: &Tensor, extra: Option<TextTimeCond>) -> candle_core::Result<Tensor> {
         let cfg = &self.config;
         let b = sample.dim(0)?;
-        let device = sample.device();
-        let t = Tensor::full(timestep as f32, b, device)?;
-        let t_emb = timestep_embedding(&t, cfg.block_out[0], cfg.flip_sin_to_cos, cfg.freq_shift)?.to_dtype(sample.dtype())?;
+        let t_emb = timestep_embedding(t, cfg.block_out[0], cfg.flip_sin_to_cos, cfg.freq_shift)?.to_dtype(sample.dtype())?;
         let mut emb = self.time_embedding.forward(&t_emb)?;
         if let (Some(add), Some((time_dim, _)), Some(extra)) = (&self.add_embedding, cfg.text_time, extra) {
             let ids = extra.time_ids.flatten_all()?;

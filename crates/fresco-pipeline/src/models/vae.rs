@@ -1,11 +1,12 @@
-//! The decoder half of diffusers' `AutoencoderKL`, sized from `vae/config.json`.
+//! diffusers' `AutoencoderKL`, sized from `vae/config.json`: the decoder every pipeline runs, and the
+//! encoder that training (and image-to-image) needs.
 
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{group_norm, linear, Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{group_norm, linear, GroupNorm, Linear, VarBuilder};
 
-use super::blocks::{attention, conv, merge_heads, split_heads, ResnetBlock, Upsample};
+use super::blocks::{Conv2d, attention, conv, merge_heads, split_heads, Downsample, ResnetBlock, Upsample};
 use crate::error::{PipelineError, Result};
 use crate::loader::{Config, Weights};
 
@@ -17,6 +18,8 @@ pub struct VaeConfig {
     layers_per_block: usize,
     norm_groups: usize,
     use_post_quant_conv: bool,
+    use_quant_conv: bool,
+    in_channels: usize,
     mid_attention: bool,
     pub scaling_factor: f64,
     pub shift_factor: f64,
@@ -29,9 +32,9 @@ impl VaeConfig {
         if block_out.is_empty() {
             return Err(PipelineError::config(path, "block_out_channels is empty"));
         }
-        for t in c.strings("up_block_types")? {
-            if t != "UpDecoderBlock2D" {
-                return Err(PipelineError::config(path, format!("up block type {t:?} is not supported")));
+        for (key, want) in [("up_block_types", "UpDecoderBlock2D"), ("down_block_types", "DownEncoderBlock2D")] {
+            if let Some(t) = c.strings(key)?.into_iter().find(|t| t != want) {
+                return Err(PipelineError::config(path, format!("{key}: block type {t:?} is not supported")));
             }
         }
         if c.raw("latents_mean").is_some() {
@@ -43,6 +46,8 @@ impl VaeConfig {
             layers_per_block: c.usize_or("layers_per_block", 1)?,
             norm_groups: c.usize_or("norm_num_groups", 32)?,
             use_post_quant_conv: c.bool_or("use_post_quant_conv", true)?,
+            use_quant_conv: c.bool_or("use_quant_conv", true)?,
+            in_channels: c.usize_or("in_channels", 3)?,
             mid_attention: c.bool_or("mid_block_add_attention", true)?,
             scaling_factor: c.f64_or("scaling_factor", 0.18215)?,
             shift_factor: c.opt_f64("shift_factor")?.unwrap_or(0.0),
@@ -105,16 +110,16 @@ impl VaeDecoder {
         weights.context(Self::new(config, weights.vb.clone()))
     }
 
-    fn new(cfg: VaeConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    /// Builds the decoder from any weight source (training builds it over fresh variables).
+    pub fn new(cfg: VaeConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let g = cfg.norm_groups;
         let lc = cfg.latent_channels;
         let post_quant_conv = if cfg.use_post_quant_conv { Some(conv(lc, lc, 1, 1, 0, vb.pp("post_quant_conv"))?) } else { None };
         let d = vb.pp("decoder");
         let top = *cfg.block_out.last().unwrap_or(&lc);
-        let resnet = |i, o, vb| ResnetBlock::new(i, o, None, g, 1e-6, 1.0, vb);
         let conv_in = conv(lc, top, 3, 1, 1, d.pp("conv_in"))?;
-        let mid_resnets = [resnet(top, top, d.pp("mid_block.resnets.0"))?, resnet(top, top, d.pp("mid_block.resnets.1"))?];
-        let mid_attention = if cfg.mid_attention { Some(SpatialSelfAttention::new(top, g, d.pp("mid_block.attentions.0"))?) } else { None };
+        let (mid_resnets, mid_attention) = mid_block(&cfg, top, &d)?;
+        let resnet = |i, o, vb| ResnetBlock::new(i, o, None, g, 1e-6, 1.0, vb);
         let rev: Vec<usize> = cfg.block_out.iter().rev().copied().collect();
         let mut up = Vec::new();
         let mut out_c = rev[0];
@@ -140,11 +145,7 @@ impl VaeDecoder {
             x = p.forward(&x)?;
         }
         x = self.conv_in.forward(&x)?;
-        x = self.mid_resnets[0].forward(&x, None)?;
-        if let Some(a) = &self.mid_attention {
-            x = a.forward(&x)?;
-        }
-        x = self.mid_resnets[1].forward(&x, None)?;
+        x = run_mid(&self.mid_resnets, self.mid_attention.as_ref(), x)?;
         for (resnets, upsample) in &self.up {
             for r in resnets {
                 x = r.forward(&x, None)?;
@@ -155,5 +156,93 @@ impl VaeDecoder {
         }
         let x = candle_nn::ops::silu(&self.norm_out.forward(&x)?)?;
         self.conv_out.forward(&x)
+    }
+}
+
+type MidBlock = ([ResnetBlock; 2], Option<SpatialSelfAttention>);
+
+/// `UNetMidBlock2D` as both halves of the autoencoder use it: resnet, optional attention, resnet.
+fn mid_block(cfg: &VaeConfig, c: usize, vb: &VarBuilder) -> candle_core::Result<MidBlock> {
+    let resnet = |vb| ResnetBlock::new(c, c, None, cfg.norm_groups, 1e-6, 1.0, vb);
+    let resnets = [resnet(vb.pp("mid_block.resnets.0"))?, resnet(vb.pp("mid_block.resnets.1"))?];
+    let attention = if cfg.mid_attention { Some(SpatialSelfAttention::new(c, cfg.norm_groups, vb.pp("mid_block.attentions.0"))?) } else { None };
+    Ok((resnets, attention))
+}
+
+fn run_mid(resnets: &[ResnetBlock; 2], attention: Option<&SpatialSelfAttention>, x: Tensor) -> candle_core::Result<Tensor> {
+    let mut x = resnets[0].forward(&x, None)?;
+    if let Some(a) = attention {
+        x = a.forward(&x)?;
+    }
+    resnets[1].forward(&x, None)
+}
+
+/// The encoder half: images in [-1, 1] to the diagonal Gaussian over latents (`latent_dist`).
+pub struct VaeEncoder {
+    pub config: VaeConfig,
+    conv_in: Conv2d,
+    down: Vec<(Vec<ResnetBlock>, Option<Downsample>)>,
+    mid_resnets: [ResnetBlock; 2],
+    mid_attention: Option<SpatialSelfAttention>,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+    quant_conv: Option<Conv2d>,
+}
+
+impl VaeEncoder {
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let config = VaeConfig::load(&dir.join("config.json"))?;
+        let weights = Weights::load(dir, dtype, device)?;
+        weights.context(Self::new(config, weights.vb.clone()))
+    }
+
+    pub fn new(cfg: VaeConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let e = vb.pp("encoder");
+        let bo = &cfg.block_out;
+        let conv_in = conv(cfg.in_channels, bo[0], 3, 1, 1, e.pp("conv_in"))?;
+        let mut down = Vec::new();
+        let mut out_c = bo[0];
+        for (i, &c) in bo.iter().enumerate() {
+            let prev = out_c;
+            out_c = c;
+            let b = e.pp(format!("down_blocks.{i}"));
+            let resnets = (0..cfg.layers_per_block)
+                .map(|j| ResnetBlock::new(if j == 0 { prev } else { out_c }, out_c, None, cfg.norm_groups, 1e-6, 1.0, b.pp(format!("resnets.{j}"))))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            // The encoder's downsamplers pad right/bottom by one (downsample_padding=0).
+            let downsample = if i + 1 < bo.len() { Some(Downsample::new(out_c, 0, b.pp("downsamplers.0"))?) } else { None };
+            down.push((resnets, downsample));
+        }
+        let (mid_resnets, mid_attention) = mid_block(&cfg, out_c, &e)?;
+        let lc2 = 2 * cfg.latent_channels;
+        let norm_out = group_norm(cfg.norm_groups, out_c, 1e-6, e.pp("conv_norm_out"))?;
+        let conv_out = conv(out_c, lc2, 3, 1, 1, e.pp("conv_out"))?;
+        let quant_conv = if cfg.use_quant_conv { Some(conv(lc2, lc2, 1, 1, 0, vb.pp("quant_conv"))?) } else { None };
+        Ok(Self { config: cfg, conv_in, down, mid_resnets, mid_attention, norm_out, conv_out, quant_conv })
+    }
+
+    /// Mean and log-variance of the latent distribution, unscaled (as `latent_dist` has them).
+    pub fn encode(&self, images: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let mut x = self.conv_in.forward(images)?;
+        for (resnets, downsample) in &self.down {
+            for r in resnets {
+                x = r.forward(&x, None)?;
+            }
+            if let Some(d) = downsample {
+                x = d.forward(&x)?;
+            }
+        }
+        x = run_mid(&self.mid_resnets, self.mid_attention.as_ref(), x)?;
+        let mut x = self.conv_out.forward(&candle_nn::ops::silu(&self.norm_out.forward(&x)?)?)?;
+        if let Some(q) = &self.quant_conv {
+            x = q.forward(&x)?;
+        }
+        let halves = x.chunk(2, 1)?;
+        Ok((halves[0].clone(), halves[1].clone()))
+    }
+
+    /// Latents as the denoiser sees them: `(mean - shift_factor) * scaling_factor`.
+    pub fn scale(&self, mean: &Tensor) -> candle_core::Result<Tensor> {
+        (mean - self.config.shift_factor)? * self.config.scaling_factor
     }
 }

@@ -1,0 +1,189 @@
+//! The shape of the fresco-tiny models, written out as the diffusers config files the pipeline reads.
+//! One architecture serves both variants; only the scheduler (and so what the U-Net predicts) differs.
+
+use serde_json::{json, Value};
+
+/// The two training objectives over the same network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// Epsilon-prediction diffusion (scaled-linear betas), sampled by the diffusion schedulers.
+    Diffusion,
+    /// Rectified flow: the U-Net predicts velocity `noise - data`, sampled by flow-matching Euler.
+    Flow,
+}
+
+impl Variant {
+    pub fn folder(self) -> &'static str {
+        match self {
+            Self::Diffusion => "fresco-tiny",
+            Self::Flow => "fresco-tiny-flow",
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Diffusion => "diffusion",
+            Self::Flow => "flow",
+        }
+    }
+}
+
+/// Sizes of every part; `Arch::default()` is what ships, `Arch::test()` a miniature for tests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Arch {
+    pub vae_channels: Vec<usize>,
+    pub vae_groups: usize,
+    pub latent_channels: usize,
+    pub text_hidden: usize,
+    pub text_layers: usize,
+    pub text_heads: usize,
+    pub max_tokens: usize,
+    pub unet_channels: Vec<usize>,
+    pub unet_layers: usize,
+    pub unet_head_dim: usize,
+    pub unet_groups: usize,
+}
+
+impl Default for Arch {
+    fn default() -> Self {
+        Self {
+            vae_channels: vec![8, 16, 32, 32],
+            vae_groups: 2,
+            latent_channels: 8,
+            text_hidden: 64,
+            text_layers: 3,
+            text_heads: 4,
+            max_tokens: 32,
+            unet_channels: vec![32, 64],
+            unet_layers: 1,
+            unet_head_dim: 16,
+            unet_groups: 8,
+        }
+    }
+}
+
+impl Arch {
+    /// Small enough that a training step takes milliseconds, for tests of the training code itself.
+    pub fn test() -> Self {
+        Self {
+            vae_channels: vec![8, 8, 8, 8],
+            vae_groups: 4,
+            latent_channels: 4,
+            text_hidden: 16,
+            text_layers: 1,
+            text_heads: 2,
+            max_tokens: 32,
+            unet_channels: vec![16, 16],
+            unet_layers: 1,
+            unet_head_dim: 8,
+            unet_groups: 4,
+        }
+    }
+
+    pub fn vae_config(&self, scaling_factor: f64) -> Value {
+        let n = self.vae_channels.len();
+        json!({
+            "_class_name": "AutoencoderKL",
+            "act_fn": "silu",
+            "block_out_channels": self.vae_channels,
+            "down_block_types": vec!["DownEncoderBlock2D"; n],
+            "up_block_types": vec!["UpDecoderBlock2D"; n],
+            "in_channels": 3,
+            "out_channels": 3,
+            "latent_channels": self.latent_channels,
+            "layers_per_block": 1,
+            "norm_num_groups": self.vae_groups,
+            "sample_size": 64,
+            "scaling_factor": scaling_factor,
+            "mid_block_add_attention": true,
+            "use_quant_conv": true,
+            "use_post_quant_conv": true,
+        })
+    }
+
+    pub fn text_config(&self) -> Value {
+        json!({
+            "architectures": ["CLIPTextModel"],
+            "model_type": "clip_text_model",
+            "hidden_act": "quick_gelu",
+            "hidden_size": self.text_hidden,
+            "intermediate_size": 4 * self.text_hidden,
+            "num_attention_heads": self.text_heads,
+            "num_hidden_layers": self.text_layers,
+            "max_position_embeddings": self.max_tokens,
+            "layer_norm_eps": 1e-5,
+            "vocab_size": 49408,
+            "bos_token_id": 49406,
+            "eos_token_id": 49407,
+            "pad_token_id": 49407,
+        })
+    }
+
+    pub fn unet_config(&self) -> Value {
+        let n = self.unet_channels.len();
+        json!({
+            "_class_name": "UNet2DConditionModel",
+            "act_fn": "silu",
+            "attention_head_dim": self.unet_channels.iter().map(|c| c / self.unet_head_dim).collect::<Vec<_>>(),
+            "block_out_channels": self.unet_channels,
+            "cross_attention_dim": self.text_hidden,
+            "down_block_types": vec!["CrossAttnDownBlock2D"; n],
+            "up_block_types": vec!["CrossAttnUpBlock2D"; n],
+            "mid_block_type": "UNetMidBlock2DCrossAttn",
+            "downsample_padding": 1,
+            "flip_sin_to_cos": true,
+            "freq_shift": 0,
+            "in_channels": self.latent_channels,
+            "out_channels": self.latent_channels,
+            "layers_per_block": self.unet_layers,
+            "norm_eps": 1e-5,
+            "norm_num_groups": self.unet_groups,
+            "sample_size": 8,
+            "use_linear_projection": true,
+        })
+    }
+}
+
+/// Diffusion training uses these betas; the scheduler config the model ships states the same ones.
+pub const BETA_START: f64 = 0.00085;
+pub const BETA_END: f64 = 0.012;
+pub const TRAIN_TIMESTEPS: usize = 1000;
+
+pub fn scheduler_config(variant: Variant) -> Value {
+    match variant {
+        Variant::Diffusion => json!({
+            "_class_name": "DDIMScheduler",
+            "beta_schedule": "scaled_linear",
+            "beta_start": BETA_START,
+            "beta_end": BETA_END,
+            "num_train_timesteps": TRAIN_TIMESTEPS,
+            "prediction_type": "epsilon",
+            "clip_sample": false,
+            "set_alpha_to_one": false,
+            "steps_offset": 1,
+            "timestep_spacing": "trailing",
+        }),
+        Variant::Flow => json!({
+            "_class_name": "FlowMatchEulerDiscreteScheduler",
+            "num_train_timesteps": TRAIN_TIMESTEPS,
+            "shift": 1.0,
+        }),
+    }
+}
+
+/// `model_index.json`, with the sampling recipe fresco reads from `_fresco_defaults`.
+pub fn model_index(variant: Variant, steps: usize, guidance: f64) -> Value {
+    let scheduler = scheduler_config(variant)["_class_name"].clone();
+    json!({
+        "_class_name": "StableDiffusionPipeline",
+        "_fresco_defaults": { "steps": steps, "guidance": guidance },
+        "requires_safety_checker": false,
+        "safety_checker": [null, null],
+        "feature_extractor": [null, null],
+        "scheduler": ["diffusers", scheduler],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    })
+}

@@ -1,0 +1,152 @@
+//! `fresco eval`: prompt adherence of a model on held-out prompts at several step counts, judged by
+//! [`crate::analyze`], with the seconds each image took.
+
+use std::path::Path;
+use std::time::Instant;
+
+use fresco_pipeline::{DeviceSpec, GeneratedImage, Pipeline, Request};
+
+use crate::analyze::check;
+use crate::error::Result;
+use crate::grammar::Prompt;
+use crate::render::{sample_scene, Image, SIDE};
+use crate::rng::Rng;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalOptions {
+    /// Held-out prompts of each kind (one object phrase, two object phrases).
+    pub prompts: usize,
+    pub steps: Vec<usize>,
+    pub seed: u64,
+    pub batch: usize,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        Self { prompts: 100, steps: vec![1, 2, 4, 8, 16, 32], seed: 1, batch: 25 }
+    }
+}
+
+/// One line of the table: a model at one step count.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub model: String,
+    pub steps: usize,
+    pub default_steps: bool,
+    /// Fraction of one-object prompts whose image adheres.
+    pub one: f64,
+    pub two: f64,
+    /// Fraction of adherent images whose objects also have the right size.
+    pub sizes: f64,
+    pub seconds_per_image: f64,
+}
+
+/// The held-out prompts an evaluation uses: `n` of each kind, the same for every model.
+pub fn held_out(n: usize, seed: u64) -> Vec<Prompt> {
+    let mut rng = Rng::new(seed).fork(7);
+    let mut out: Vec<Prompt> = (0..n).map(|_| sample_scene(&mut rng, 1, true).0).collect();
+    out.extend((0..n).map(|_| sample_scene(&mut rng, 2, true).0));
+    out
+}
+
+fn to_image(g: &GeneratedImage) -> Image {
+    Image { side: g.width as usize, rgb: g.rgb.clone() }
+}
+
+/// Runs one model over the held-out prompts at each step count (and at its own default, when that is
+/// not among them). Returns the rows and, per step count, the images of the first `keep` prompts.
+pub fn evaluate(model: &Path, opts: &EvalOptions, keep: usize) -> Result<(Vec<Row>, Vec<Vec<Image>>)> {
+    let pipeline = Pipeline::load(model, &DeviceSpec::Cpu)?;
+    let name = model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let prompts = held_out(opts.prompts, opts.seed);
+    let default = pipeline.defaults().steps;
+    let mut steps = opts.steps.clone();
+    if !steps.contains(&default) {
+        steps.push(default);
+        steps.sort_unstable();
+    }
+    let mut rows = Vec::new();
+    let mut samples = Vec::new();
+    for &s in &steps {
+        let started = Instant::now();
+        let mut images = Vec::with_capacity(prompts.len());
+        for (c, chunk) in prompts.chunks(opts.batch.max(1)).enumerate() {
+            let seeds = (0..chunk.len()).map(|i| opts.seed.wrapping_mul(1_000_003).wrapping_add((c * opts.batch + i) as u64)).collect();
+            let mut req = Request::new(chunk.iter().map(Prompt::text).collect(), seeds);
+            req.steps = Some(s);
+            req.width = Some(SIDE);
+            req.height = Some(SIDE);
+            images.extend(pipeline.generate(&req)?.iter().map(to_image));
+        }
+        let secs = started.elapsed().as_secs_f64() / prompts.len().max(1) as f64;
+        let verdicts: Vec<_> = prompts.iter().zip(&images).map(|(p, img)| check(p, img)).collect();
+        let rate = |objects: usize| {
+            let v: Vec<_> = prompts.iter().zip(&verdicts).filter(|(p, _)| p.objects.len() == objects).collect();
+            v.iter().filter(|(_, v)| v.adherent).count() as f64 / v.len().max(1) as f64
+        };
+        let adherent: Vec<_> = verdicts.iter().filter(|v| v.adherent).collect();
+        let sizes = adherent.iter().filter(|v| v.sizes_right).count() as f64 / adherent.len().max(1) as f64;
+        rows.push(Row { model: name.clone(), steps: s, default_steps: s == default, one: rate(1), two: rate(2), sizes, seconds_per_image: secs });
+        samples.push(images.into_iter().take(keep).collect());
+    }
+    Ok((rows, samples))
+}
+
+/// The table as printed and as put in notes.
+pub fn table(rows: &[Row]) -> String {
+    let mut s = String::from("| model | steps | 1 object | 2 objects | sizes right | s/image |\n|---|---:|---:|---:|---:|---:|\n");
+    for r in rows {
+        let steps = if r.default_steps { format!("**{}** (default)", r.steps) } else { r.steps.to_string() };
+        s.push_str(&format!(
+            "| {} | {} | {:.1}% | {:.1}% | {:.1}% | {:.4} |\n",
+            r.model,
+            steps,
+            100.0 * r.one,
+            100.0 * r.two,
+            100.0 * r.sizes,
+            r.seconds_per_image
+        ));
+    }
+    s
+}
+
+/// Tiles rows of equally sized images into one picture (a row per model and step count), with a
+/// one-pixel white rule between them.
+pub fn grid(rows: &[Vec<Image>]) -> Option<GeneratedImage> {
+    let side = rows.iter().flatten().next()?.side;
+    let cols = rows.iter().map(Vec::len).max()?;
+    let (w, h) = (cols * (side + 1) + 1, rows.len() * (side + 1) + 1);
+    let mut rgb = vec![255u8; w * h * 3];
+    for (r, row) in rows.iter().enumerate() {
+        for (c, img) in row.iter().enumerate() {
+            for y in 0..side {
+                let dst = 3 * ((1 + r * (side + 1) + y) * w + 1 + c * (side + 1));
+                rgb[dst..dst + 3 * side].copy_from_slice(&img.rgb[3 * y * side..3 * (y + 1) * side]);
+            }
+        }
+    }
+    Some(GeneratedImage { width: w as u32, height: h as u32, rgb })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_out_prompts_are_fixed_and_never_trained_on() {
+        let a = held_out(20, 1);
+        assert_eq!(a, held_out(20, 1));
+        assert_eq!(a.len(), 40);
+        assert!(a.iter().all(Prompt::is_held_out));
+        assert_eq!(a.iter().filter(|p| p.objects.len() == 2).count(), 20);
+    }
+
+    #[test]
+    fn grid_places_every_image() {
+        let img = |v: u8| Image { side: 4, rgb: vec![v; 48] };
+        let g = grid(&[vec![img(10), img(20)], vec![img(30)]]).expect("grid");
+        assert_eq!((g.width, g.height), (11, 11));
+        let px = |x: usize, y: usize| g.rgb[3 * (y * 11 + x)];
+        assert_eq!((px(1, 1), px(6, 1), px(1, 6), px(6, 6), px(0, 0)), (10, 20, 30, 255, 255));
+    }
+}
