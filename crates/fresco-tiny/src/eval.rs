@@ -19,11 +19,13 @@ pub struct EvalOptions {
     pub steps: Vec<usize>,
     pub seed: u64,
     pub batch: usize,
+    /// Guidance scale for every run; `None` takes each model's default.
+    pub guidance: Option<f64>,
 }
 
 impl Default for EvalOptions {
     fn default() -> Self {
-        Self { prompts: 100, steps: vec![1, 2, 4, 8, 16, 32], seed: 1, batch: 25 }
+        Self { prompts: 100, steps: vec![1, 2, 4, 8, 16, 32], seed: 1, batch: 25, guidance: None }
     }
 }
 
@@ -74,6 +76,7 @@ pub fn evaluate(model: &Path, opts: &EvalOptions, keep: usize) -> Result<(Vec<Ro
             let seeds = (0..chunk.len()).map(|i| opts.seed.wrapping_mul(1_000_003).wrapping_add((c * opts.batch + i) as u64)).collect();
             let mut req = Request::new(chunk.iter().map(Prompt::text).collect(), seeds);
             req.steps = Some(s);
+            req.guidance = opts.guidance;
             req.width = Some(SIDE);
             req.height = Some(SIDE);
             images.extend(pipeline.generate(&req)?.iter().map(to_image));

@@ -243,7 +243,7 @@ impl Prompt {
     pub fn is_held_out(&self) -> bool {
         let text = self.text();
         let h = text.bytes().fold(0xCBF2_9CE4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01B3));
-        mix(h) % 10 == 0
+        mix(h).is_multiple_of(10)
     }
 }
 

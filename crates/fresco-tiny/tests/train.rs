@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use fresco_pipeline::{DeviceSpec, Pipeline, Request};
+use fresco_tiny::eval::{self, EvalOptions};
 use fresco_tiny::train::{self, Schedule, TrainOptions};
 use fresco_tiny::{Arch, Variant};
 
@@ -71,6 +72,14 @@ fn trained_models_load_and_sample_through_the_pipeline() {
         assert_eq!((images[0].width, images[0].height), (64, 64));
         // The full CLIP vocabulary is stored, so any prompt tokenizes and encodes.
         pipe.generate(&Request::new(vec!["an unrelated prompt about zebras".into()], vec![3])).expect("any prompt");
+
+        // The evaluation runs each step count plus the model's default (3), and keeps sample images.
+        let opts = EvalOptions { prompts: 2, steps: vec![1, 2], batch: 3, ..Default::default() };
+        let (rows, samples) = eval::evaluate(&dir, &opts, 2).expect("evaluate");
+        assert_eq!(rows.iter().map(|r| (r.steps, r.default_steps)).collect::<Vec<_>>(), [(1, false), (2, false), (3, true)]);
+        assert!(rows.iter().all(|r| (0.0..=1.0).contains(&r.one) && (0.0..=1.0).contains(&r.two) && r.seconds_per_image > 0.0));
+        assert!(samples.iter().all(|s| s.len() == 2));
+        assert_eq!(eval::table(&rows).lines().count(), 5);
     }
 }
 

@@ -18,6 +18,9 @@ pub struct Args {
     steps: Vec<usize>,
     #[arg(long, default_value_t = EvalOptions::default().seed)]
     seed: u64,
+    /// Guidance scale (default: each model's own).
+    #[arg(long)]
+    guidance: Option<f64>,
     /// Sample grid: a row of images per model and step count.
     #[arg(long, default_value = "eval-grid.png")]
     grid: PathBuf,
@@ -29,7 +32,7 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.prompts > 0, "--prompts must be positive");
     anyhow::ensure!(args.steps.iter().all(|&s| s > 0), "--steps: every step count must be positive");
-    let opts = EvalOptions { prompts: args.prompts, steps: args.steps, seed: args.seed, ..Default::default() };
+    let opts = EvalOptions { prompts: args.prompts, steps: args.steps, seed: args.seed, guidance: args.guidance, ..Default::default() };
     let mut rows = Vec::new();
     let mut grid_rows = Vec::new();
     for model in &args.models {

@@ -103,11 +103,16 @@ pub struct VaeDecoder {
     conv_out: Conv2d,
 }
 
+/// Either half of the autoencoder from a `vae/` folder.
+fn load_half<T>(dir: &Path, dtype: DType, device: &Device, build: fn(VaeConfig, VarBuilder) -> candle_core::Result<T>) -> Result<T> {
+    let config = VaeConfig::load(&dir.join("config.json"))?;
+    let weights = Weights::load(dir, dtype, device)?;
+    weights.context(build(config, weights.vb.clone()))
+}
+
 impl VaeDecoder {
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let config = VaeConfig::load(&dir.join("config.json"))?;
-        let weights = Weights::load(dir, dtype, device)?;
-        weights.context(Self::new(config, weights.vb.clone()))
+        load_half(dir, dtype, device, Self::new)
     }
 
     /// Builds the decoder from any weight source (training builds it over fresh variables).
@@ -191,9 +196,7 @@ pub struct VaeEncoder {
 
 impl VaeEncoder {
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let config = VaeConfig::load(&dir.join("config.json"))?;
-        let weights = Weights::load(dir, dtype, device)?;
-        weights.context(Self::new(config, weights.vb.clone()))
+        load_half(dir, dtype, device, Self::new)
     }
 
     pub fn new(cfg: VaeConfig, vb: VarBuilder) -> candle_core::Result<Self> {
