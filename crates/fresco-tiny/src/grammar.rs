@@ -9,7 +9,9 @@
 //! background's colour, and two phrases of one prompt never name the same colour and shape (so that
 //! counting them stays unambiguous).
 
-use crate::rng::{mix, Rng};
+use fresco_core::seed::mix64 as mix;
+
+use crate::rng::Rng;
 
 /// Mid-grey, the background when a prompt names none.
 pub const GREY: [u8; 3] = [128, 128, 128];

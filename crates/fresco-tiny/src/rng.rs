@@ -1,6 +1,8 @@
 //! A small seeded generator (SplitMix64) so that data, initial weights and training order are a pure
 //! function of the seed on every machine: candle's own CPU random numbers cannot be seeded.
 
+use fresco_core::seed::mix64 as mix;
+
 #[derive(Debug, Clone)]
 pub struct Rng(u64);
 
@@ -48,12 +50,6 @@ impl Rng {
         let u2 = self.f64();
         (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
     }
-}
-
-pub fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 #[cfg(test)]
