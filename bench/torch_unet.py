@@ -4,7 +4,9 @@ Installs nothing itself: `python3 -m pip install torch diffusers transformers` f
 PyPI's default torch build). Usage:
     python3 bench/torch_unet.py sd15 1 4 16      # SD 1.5-sized U-Net, random weights, 512x512, CFG batch
     python3 bench/torch_unet.py fixtures          # the tiny reference pipelines, 8 steps, batch 1/4/16
+BENCH_DEVICE=cuda runs on the GPU (after a warm-up, synchronising before each clock read).
 """
+import os
 import sys
 import time
 
@@ -13,28 +15,47 @@ from diffusers import DiffusionPipeline, UNet2DConditionModel
 
 torch.set_grad_enabled(False)
 torch.manual_seed(0)
+DEVICE = os.environ.get("BENCH_DEVICE", "cpu")
+# float32 as fresco computes it: no TF32 convolutions (PyTorch's default on GPUs) or matmuls.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def sync():
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
+
 
 if sys.argv[1] == "sd15":
     unet = UNet2DConditionModel(
         block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, sample_size=64).eval()
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, sample_size=64).eval().to(DEVICE)
     print("batch  s/evaluation (cfg doubles the batch)")
     for b in map(int, sys.argv[2:] or ["1"]):
-        x = torch.randn(2 * b, 4, 64, 64)
-        ctx = torch.randn(2 * b, 77, 768)
+        x = torch.randn(2 * b, 4, 64, 64, device=DEVICE)
+        ctx = torch.randn(2 * b, 77, 768, device=DEVICE)
+        if DEVICE != "cpu":
+            unet(x, 500, encoder_hidden_states=ctx)
+            sync()
         t = time.perf_counter()
         unet(x, 500, encoder_hidden_states=ctx)
+        sync()
         print(f"{b:>5} {time.perf_counter() - t:>14.2f}")
 else:
     root = "tests/fixtures/models/"
     print("fixture    batch  s/step  images/s")
     for model in ["tiny-sd15", "tiny-sdxl", "tiny-sd3", "tiny-flux"]:
-        pipe = DiffusionPipeline.from_pretrained(root + model, torch_dtype=torch.float32)
+        if not os.path.isdir(root + model):
+            print(f"{model:<10} not present, skipped")
+            continue
+        pipe = DiffusionPipeline.from_pretrained(root + model, torch_dtype=torch.float32).to(DEVICE)
         for b in [1, 4, 16]:
             prompts = [f"a red circle number {i}" for i in range(b)]
             pipe(prompts, num_inference_steps=8, height=64, width=64)
+            sync()
             t = time.perf_counter()
             pipe(prompts, num_inference_steps=8, height=64, width=64)
+            sync()
             total = time.perf_counter() - t
             print(f"{model:<10} {b:>5} {total / 8:>7.4f} {b / total:>9.2f}")

@@ -248,6 +248,25 @@ fn compose_and_dockerfiles_fit_together() {
         assert!(text.contains("USER 10001"), "{f}: no non-root user");
     }
     assert!(std::fs::read_to_string(deploy().join("docker/Dockerfile.cuda")).unwrap().contains("--features cuda"));
+    // Every cargo feature an image builds with is one the fresco binary's crate declares (a missing one
+    // fails the image build, which no other test runs).
+    let manifest = std::fs::read_to_string(repo_root().join("crates/fresco-cli/Cargo.toml")).unwrap();
+    let declared: Vec<&str> = manifest
+        .split("[features]")
+        .nth(1)
+        .unwrap_or("")
+        .lines()
+        .take_while(|l| !l.starts_with('['))
+        .filter_map(|l| l.split_once('=').map(|(name, _)| name.trim()))
+        .collect();
+    for f in ["docker/Dockerfile", "docker/Dockerfile.cuda"] {
+        let text = std::fs::read_to_string(deploy().join(f)).unwrap();
+        for list in text.split("--features ").skip(1) {
+            for feature in list.split_whitespace().next().unwrap().split(',') {
+                assert!(declared.contains(&feature), "{f}: fresco-cli has no feature {feature:?} (declared: {declared:?})");
+            }
+        }
+    }
     let coord_env = compose["services"]["coordinator"]["environment"].as_mapping().unwrap();
     let h = help("coordinator");
     for k in coord_env.keys() {

@@ -444,6 +444,8 @@ impl Pipeline {
             latents = scheduler.step(&guided, i, &latents, &mut noise)?;
         }
         timings.steps = timesteps.len();
+        // GPU kernels run asynchronously: wait for them so the stage timings measure the work, not its launch.
+        self.device.synchronize()?;
         timings.denoise = t1.elapsed();
 
         let t2 = Instant::now();

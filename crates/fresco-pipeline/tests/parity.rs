@@ -1,5 +1,9 @@
 //! Parity with diffusers: every reference case in `tests/fixtures/cases` is regenerated from the same
 //! initial latents and compared per image (max |Δ| ≤ 2, mean |Δ| ≤ 0.75 on the 0–255 scale).
+//!
+//! `FRESCO_TEST_DEVICE=cuda` runs the same cases on a GPU (a build with `--features cuda`), and
+//! `FRESCO_TEST_CASES=sd15,flux` only the cases whose names start with one of the given prefixes; CI runs
+//! all of them on the CPU.
 
 use std::path::{Path, PathBuf};
 
@@ -31,12 +35,16 @@ const KNOWN_DEVIATIONS: &[(&str, f64, f64, &str)] = &[(
      the update move it by ±1 but never below 3; every other scheduler stays within 1.",
 )];
 
+fn device() -> DeviceSpec {
+    std::env::var("FRESCO_TEST_DEVICE").map_or(DeviceSpec::Cpu, |d| d.parse().expect("FRESCO_TEST_DEVICE"))
+}
+
 /// Runs one case; returns a description of each image that misses the tolerance.
 fn run_case(name: &str) -> Vec<String> {
     let dir = fixtures().join("cases").join(name);
     let case: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
     let model = fixtures().join("models").join(case["model"].as_str().unwrap());
-    let pipe = Pipeline::load(&model, &DeviceSpec::Cpu).unwrap();
+    let pipe = Pipeline::load(&model, &device()).unwrap();
     let prompts: Vec<String> = case["prompts"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_string()).collect();
     let latents = candle_core::safetensors::load(dir.join("latents.safetensors"), &Device::Cpu).unwrap().remove("latents").unwrap();
     let mut req = Request::new(prompts.clone(), vec![0; prompts.len()]);
@@ -78,6 +86,10 @@ fn every_reference_case_matches_diffusers() {
         .collect();
     names.sort();
     assert!(names.len() >= 5, "{names:?}");
+    if let Ok(prefixes) = std::env::var("FRESCO_TEST_CASES") {
+        names.retain(|n| prefixes.split(',').any(|p| n.starts_with(p)));
+        assert!(!names.is_empty(), "FRESCO_TEST_CASES={prefixes} selects no case");
+    }
     let misses: Vec<String> = names.iter().flat_map(|n| run_case(n)).collect();
     assert!(misses.is_empty(), "{} case image(s) outside tolerance:\n{}", misses.len(), misses.join("\n"));
 }

@@ -21,11 +21,12 @@ pub struct EvalOptions {
     pub batch: usize,
     /// Guidance scale for every run; `None` takes each model's default.
     pub guidance: Option<f64>,
+    pub device: DeviceSpec,
 }
 
 impl Default for EvalOptions {
     fn default() -> Self {
-        Self { prompts: 100, steps: vec![1, 2, 4, 8, 16, 32], seed: 1, batch: 25, guidance: None }
+        Self { prompts: 100, steps: vec![1, 2, 4, 8, 16, 32], seed: 1, batch: 25, guidance: None, device: DeviceSpec::Cpu }
     }
 }
 
@@ -58,7 +59,7 @@ fn to_image(g: &GeneratedImage) -> Image {
 /// Runs one model over the held-out prompts at each step count (and at its own default, when that is
 /// not among them). Returns the rows and, per step count, the images of the first `keep` prompts.
 pub fn evaluate(model: &Path, opts: &EvalOptions, keep: usize) -> Result<(Vec<Row>, Vec<Vec<Image>>)> {
-    let pipeline = Pipeline::load(model, &DeviceSpec::Cpu)?;
+    let pipeline = Pipeline::load(model, &opts.device)?;
     let name = model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let prompts = held_out(opts.prompts, opts.seed);
     let default = pipeline.defaults().steps;

@@ -1,6 +1,7 @@
-//! Training both fresco-tiny variants with candle on the CPU. Every random draw (initial weights, data,
-//! noise, timesteps) comes from one seed through [`Rng`], so a run is repeatable on a machine with the
-//! same thread count.
+//! Training both fresco-tiny variants with candle, on the CPU by default (a CUDA device where fresco is
+//! built with `--features cuda`). Every random draw (initial weights, data, noise, timesteps) comes from
+//! one seed through [`Rng`] on the host, so a run is repeatable on a machine with the same thread count
+//! and device.
 //!
 //! Order: the autoencoder first (shared by both variants), then per variant the text encoder and U-Net
 //! together, on latents of a pool of rendered scenes encoded once by the frozen autoencoder.
@@ -14,6 +15,7 @@ use fresco_pipeline::models::clip::{ClipConfig, ClipTextModel};
 use fresco_pipeline::models::unet::{UNet, UNetConfig};
 use fresco_pipeline::models::vae::{VaeConfig, VaeDecoder, VaeEncoder};
 use fresco_pipeline::tokenizer::PromptTokenizer;
+use fresco_pipeline::DeviceSpec;
 
 use crate::arch::{self, Arch, Variant};
 use crate::error::{Result, TinyError};
@@ -49,6 +51,7 @@ pub struct TrainOptions {
     pub pool: usize,
     /// Fraction of training prompts replaced by "" so classifier-free guidance has an unconditional model.
     pub uncond_fraction: f64,
+    pub device: DeviceSpec,
 }
 
 impl Default for TrainOptions {
@@ -60,6 +63,7 @@ impl Default for TrainOptions {
             denoiser: Schedule { steps: 1000, batch: 32, lr: 1e-3 },
             pool: 8192,
             uncond_fraction: 0.1,
+            device: DeviceSpec::Cpu,
         }
     }
 }
@@ -153,7 +157,7 @@ fn check_gradients(maps: &[&VarMap], grads: &candle_core::backprop::GradStore) -
 fn save_f16(tensors: Vec<(String, Tensor)>, path: &Path) -> Result<()> {
     let mut out = HashMap::new();
     for (name, t) in tensors {
-        out.insert(name, t.to_dtype(DType::F16)?);
+        out.insert(name, t.to_dtype(DType::F16)?.to_device(&Device::Cpu)?);
     }
     candle_core::safetensors::save(&out, path).map_err(|e| TinyError::Invalid(format!("{}: {e}", path.display())))
 }
@@ -241,7 +245,7 @@ fn crop(img: &Image, x0: usize, y0: usize, side: usize) -> Image {
 
 /// Trains the autoencoder into `dir` (config + weights); returns the latent scaling factor it chose.
 pub fn train_vae(dir: &Path, opts: &TrainOptions, progress: Progress) -> Result<f64> {
-    let device = Device::Cpu;
+    let device = opts.device.device()?;
     let config_path = dir.join("config.json");
     write_json(&config_path, &opts.arch.vae_config(1.0))?;
     let cfg = VaeConfig::load(&config_path)?;
@@ -301,8 +305,8 @@ pub fn train_vae(dir: &Path, opts: &TrainOptions, progress: Progress) -> Result<
 
 /// Fraction of `n` rendered scenes whose autoencoder round trip (encode, take the mean, decode) still
 /// passes the adherence check: the ceiling any denoiser trained on these latents can reach.
-pub fn reconstruction_adherence(vae_dir: &Path, n: usize, seed: u64) -> Result<f64> {
-    let device = Device::Cpu;
+pub fn reconstruction_adherence(vae_dir: &Path, n: usize, seed: u64, device: &DeviceSpec) -> Result<f64> {
+    let device = device.device()?;
     let encoder = VaeEncoder::load(vae_dir, DType::F32, &device)?;
     let decoder = VaeDecoder::load(vae_dir, DType::F32, &device)?;
     let mut rng = Rng::new(seed).fork(9);
@@ -343,7 +347,7 @@ fn per_sample(values: &[f64], device: &Device) -> Result<Tensor> {
 /// Trains the text encoder and U-Net of the model folder `dir` (which already holds its configs,
 /// tokenizer and trained autoencoder) for `variant`.
 pub fn train_denoiser(dir: &Path, variant: Variant, opts: &TrainOptions, progress: Progress) -> Result<()> {
-    let device = Device::Cpu;
+    let device = opts.device.device()?;
     let tokenizer = PromptTokenizer::clip(&dir.join("tokenizer"))?;
     let vae = VaeEncoder::load(&dir.join("vae"), DType::F32, &device)?;
     let seed = Rng::new(opts.seed).fork(match variant {

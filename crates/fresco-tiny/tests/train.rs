@@ -21,6 +21,7 @@ fn options(seed: u64) -> TrainOptions {
         denoiser: Schedule { steps: 2, batch: 4, lr: 1e-3 },
         pool: 8,
         uncond_fraction: 0.25,
+        ..Default::default()
     }
 }
 

@@ -37,6 +37,18 @@ pub struct Args {
     /// Rendered scenes encoded once for denoiser training.
     #[arg(long, default_value_t = TrainOptions::default().pool)]
     pool: usize,
+    /// Autoencoder block widths, full resolution first (default: the shipped architecture's).
+    #[arg(long, value_delimiter = ',')]
+    vae_channels: Option<Vec<usize>>,
+    /// Channels of the latent the U-Net works in.
+    #[arg(long)]
+    latent_channels: Option<usize>,
+    /// U-Net block widths, full latent resolution first.
+    #[arg(long, value_delimiter = ',')]
+    unet_channels: Option<Vec<usize>>,
+    /// cpu, cuda or cuda:N (CUDA needs a build with --features cuda).
+    #[arg(long, default_value = "cpu")]
+    device: fresco_pipeline::DeviceSpec,
     /// Train the miniature test architecture (seconds, not minutes; for trying the command out).
     #[arg(long)]
     test_arch: bool,
@@ -57,14 +69,44 @@ fn recipe(variant: Variant) -> (usize, f64) {
     }
 }
 
+/// The architecture to train: the shipped one or the test miniature, with any sizes the flags override.
+fn arch(args: &Args) -> anyhow::Result<Arch> {
+    let mut arch = if args.test_arch { Arch::test() } else { Arch::default() };
+    if let Some(c) = &args.vae_channels {
+        arch.vae_channels = c.clone();
+    }
+    if let Some(c) = args.latent_channels {
+        arch.latent_channels = c;
+    }
+    if let Some(c) = &args.unet_channels {
+        arch.unet_channels = c.clone();
+    }
+    for (flag, widths, groups) in [("--vae-channels", &arch.vae_channels, arch.vae_groups), ("--unet-channels", &arch.unet_channels, arch.unet_groups)] {
+        anyhow::ensure!(
+            !widths.is_empty() && widths.iter().all(|&w| w > 0 && w % groups == 0),
+            "{flag}: every width must be a positive multiple of {groups} (the group-norm groups)"
+        );
+    }
+    anyhow::ensure!(
+        arch.unet_channels.iter().all(|w| w % arch.unet_head_dim == 0),
+        "--unet-channels: every width must be a multiple of the attention head size {}",
+        arch.unet_head_dim
+    );
+    // The pipeline's 8× autoencoder factor is 2^(blocks − 1).
+    anyhow::ensure!(arch.vae_channels.len() == 4, "--vae-channels: fresco-tiny's autoencoder has 4 blocks (8× downsampling)");
+    anyhow::ensure!(arch.latent_channels > 0, "--latent-channels must be positive");
+    Ok(arch)
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     let defaults = TrainOptions::default();
     let opts = TrainOptions {
         seed: args.seed,
-        arch: if args.test_arch { Arch::test() } else { Arch::default() },
+        arch: arch(&args)?,
         vae: Schedule { steps: args.vae_steps, batch: args.vae_batch, ..defaults.vae },
         denoiser: Schedule { steps: args.steps, batch: args.batch, lr: args.lr },
         pool: args.pool,
+        device: args.device.clone(),
         ..defaults
     };
     anyhow::ensure!(opts.vae.batch > 0 && opts.denoiser.batch > 0 && opts.pool > 0, "--vae-batch, --batch and --pool must be positive");
@@ -96,7 +138,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             dir
         }
     };
-    let round_trip = train::reconstruction_adherence(&vae_dir, 200, opts.seed).context("checking the autoencoder")?;
+    let round_trip = train::reconstruction_adherence(&vae_dir, 200, opts.seed, &opts.device).context("checking the autoencoder")?;
     eprintln!("autoencoder round trip keeps {:.1}% of held-out scenes adherent", 100.0 * round_trip);
     for variant in variants {
         let dir = args.out.join(variant.folder());
