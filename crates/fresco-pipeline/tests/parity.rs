@@ -32,7 +32,8 @@ const KNOWN_DEVIATIONS: &[(&str, f64, f64, &str)] = &[(
     3.0,
     0.75,
     "DDIM with clip_sample over 20 steps: max |diff| 3 (mean 0.28). Rounding-level changes to the schedule or \
-     the update move it by ±1 but never below 3; every other scheduler stays within 1.",
+     the update move it by ±1 but never below 3; every other scheduler stays within 1. On an H200 (CUDA) the \
+     same case is within tolerance (max 2, mean 0.21): float rounding amplified, not a formula difference.",
 )];
 
 fn device() -> DeviceSpec {
