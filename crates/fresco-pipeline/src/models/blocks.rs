@@ -162,20 +162,17 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tens
 
 fn attention_in_blocks(q: &Tensor, k: &Tensor, v: &Tensor, max_elements: usize) -> candle_core::Result<Tensor> {
     let (b, h, n, d) = q.dims4()?;
-    let scale = (d as f64).powf(-0.5);
     let kt = k.t()?;
+    let block = |q: &Tensor| softmax_last_dim(&(q.matmul(&kt)? * (d as f64).powf(-0.5))?)?.matmul(v);
     let per_query = b * h * k.dim(2)?;
     // Training keeps one graph (the blocks would only add bookkeeping to the backward pass).
     if q.track_op() || n * per_query <= max_elements {
-        return softmax_last_dim(&(q.matmul(&kt)? * scale)?)?.matmul(v);
+        return block(q);
     }
     let rows = (max_elements / per_query).max(1);
     let blocks = (0..n)
         .step_by(rows)
-        .map(|start| {
-            let qb = q.narrow(2, start, rows.min(n - start))?.contiguous()?;
-            softmax_last_dim(&(qb.matmul(&kt)? * scale)?)?.matmul(v)
-        })
+        .map(|start| block(&q.narrow(2, start, rows.min(n - start))?.contiguous()?))
         .collect::<candle_core::Result<Vec<_>>>()?;
     Tensor::cat(&blocks, 2)
 }
