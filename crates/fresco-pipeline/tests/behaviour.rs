@@ -100,6 +100,27 @@ fn broken_model_folders_are_named() {
     assert!(load_err(&tmp.path().join("nowhere")).contains("nowhere"));
 }
 
+/// SD3.5's transformer options are read from its config; values no published model uses are refused by
+/// name rather than run as something else.
+#[test]
+fn sd35_transformer_options_are_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("sd35");
+    copy_dir(&fixture("tiny-sd35"), &model);
+    Pipeline::load(&model, &DeviceSpec::Cpu).unwrap();
+    let config = model.join("transformer/config.json");
+    let original = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, original.replace("\"rms_norm\"", "\"layer_norm_across_heads\"")).unwrap();
+    let e = load_err(&model);
+    assert!(e.contains("transformer/config.json") && e.contains("qk_norm") && e.contains("layer_norm_across_heads"), "{e}");
+    std::fs::write(&config, original.replace("\"dual_attention_layers\": [\n    0\n  ]", "\"dual_attention_layers\": [3]")).unwrap();
+    let e = load_err(&model);
+    assert!(e.contains("dual_attention_layers") && e.contains("num_layers is 3"), "{e}");
+    // Without the dual-attention weights' block marked, the checkpoint no longer matches the config.
+    std::fs::write(&config, original.replace("\"dual_attention_layers\": [\n    0\n  ]", "\"dual_attention_layers\": []")).unwrap();
+    assert!(load_err(&model).contains("transformer"));
+}
+
 #[test]
 fn bad_parameters_name_the_parameter() {
     let pipe = Pipeline::load(&fixture("tiny-sd15"), &DeviceSpec::Cpu).unwrap();

@@ -1,7 +1,7 @@
 //! Building blocks the U-Net and the VAE share, named as diffusers names their weights.
 
 use candle_core::{Module, Tensor, D};
-use candle_nn::{conv2d, group_norm, linear, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{conv2d, group_norm, linear, Conv2dConfig, GroupNorm, Linear, RmsNorm, VarBuilder};
 
 pub fn conv(in_c: usize, out_c: usize, kernel: usize, stride: usize, padding: usize, vb: VarBuilder) -> candle_core::Result<Conv2d> {
     Ok(Conv2d(conv2d(in_c, out_c, kernel, Conv2dConfig { padding, stride, ..Default::default() }, vb)?))
@@ -163,11 +163,14 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tens
 fn attention_in_blocks(q: &Tensor, k: &Tensor, v: &Tensor, max_elements: usize) -> candle_core::Result<Tensor> {
     let (b, h, n, d) = q.dims4()?;
     let kt = k.t()?;
-    let block = |q: &Tensor| softmax_last_dim(&(q.matmul(&kt)? * (d as f64).powf(-0.5))?)?.matmul(v);
+    // The scale goes on the queries ([N, d]) rather than on the scores ([N, M]): one pass over d values
+    // per query instead of over M.
+    let q = (q * (d as f64).powf(-0.5))?;
+    let block = |q: &Tensor| softmax_last_dim(&q.matmul(&kt)?)?.matmul(v);
     let per_query = b * h * k.dim(2)?;
     // Training keeps one graph (the blocks would only add bookkeeping to the backward pass).
     if q.track_op() || n * per_query <= max_elements {
-        return block(q);
+        return block(&q);
     }
     let rows = (max_elements / per_query).max(1);
     let blocks = (0..n)
@@ -212,6 +215,19 @@ impl Module for LayerNorm {
         } else {
             candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)
         }
+    }
+}
+
+/// Per-head RMS normalisation of queries and keys with learned scales (diffusers' `qk_norm="rms_norm"`,
+/// eps 1e-6), as FLUX and SD3.5 apply it after splitting heads.
+pub struct QkNorm {
+    pub q: RmsNorm,
+    pub k: RmsNorm,
+}
+
+impl QkNorm {
+    pub fn new(head_dim: usize, vb: VarBuilder, q: &str, k: &str) -> candle_core::Result<Self> {
+        Ok(Self { q: candle_nn::rms_norm(head_dim, 1e-6, vb.pp(q))?, k: candle_nn::rms_norm(head_dim, 1e-6, vb.pp(k))? })
     }
 }
 

@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{linear, Linear, RmsNorm, VarBuilder};
 
-use super::blocks::{attention, layer_norm_plain, merge_heads, modulate, split_heads, timestep_embedding, FeedForward, Mlp};
+use super::blocks::{attention, layer_norm_plain, merge_heads, modulate, split_heads, timestep_embedding, FeedForward, Mlp, QkNorm};
 use crate::error::{PipelineError, Result};
 use crate::loader::{Config, Weights};
 
@@ -65,17 +65,6 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
     let (re, im) = (pairs.narrow(4, 0, 1)?, pairs.narrow(4, 1, 1)?);
     let rotated = Tensor::cat(&[&im.neg()?, &re], 4)?.reshape((b, h, n, d))?;
     x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
-}
-
-struct QkNorm {
-    q: RmsNorm,
-    k: RmsNorm,
-}
-
-impl QkNorm {
-    fn new(dim: usize, vb: VarBuilder, q: &str, k: &str) -> candle_core::Result<Self> {
-        Ok(Self { q: candle_nn::rms_norm(dim, 1e-6, vb.pp(q))?, k: candle_nn::rms_norm(dim, 1e-6, vb.pp(k))? })
-    }
 }
 
 struct DoubleBlock {
