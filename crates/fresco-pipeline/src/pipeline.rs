@@ -517,11 +517,8 @@ impl Pipeline {
         if !self.default_scheduler.is_flow() || !c.bool_or("use_dynamic_shifting", false)? {
             return Ok(sigmas.map(|s| FlowShift { sigmas: Some(s), mu: None }));
         }
-        let tokens = ((width / self.size_factor()) * (height / self.size_factor())) as f64;
-        let (base_len, max_len) = (c.f64_or("base_image_seq_len", 256.0)?, c.f64_or("max_image_seq_len", 4096.0)?);
-        let (base_shift, max_shift) = (c.f64_or("base_shift", 0.5)?, c.f64_or("max_shift", 1.15)?);
-        let m = (max_shift - base_shift) / (max_len - base_len);
-        Ok(Some(FlowShift { sigmas, mu: Some(tokens * m + base_shift - m * base_len) }))
+        let tokens = (width / self.size_factor()) * (height / self.size_factor());
+        Ok(Some(FlowShift { sigmas, mu: Some(crate::schedulers::dynamic_shift_mu(c, tokens)?) }))
     }
 
     /// Unconditional embeddings per prompt: its negative prompt, or "" — or zeros for SDXL-style models

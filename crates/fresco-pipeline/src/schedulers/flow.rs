@@ -16,6 +16,18 @@ pub struct FlowShift {
     pub mu: Option<f64>,
 }
 
+/// diffusers' `calculate_shift`: `mu` grows linearly with the image's token count, from `base_shift` at
+/// `base_image_seq_len` tokens to `max_shift` at `max_image_seq_len` (and beyond, extrapolated).
+pub fn dynamic_shift_mu(config: &Config, tokens: usize) -> Result<f64> {
+    let (base_len, max_len) = (config.f64_or("base_image_seq_len", 256.0)?, config.f64_or("max_image_seq_len", 4096.0)?);
+    let (base_shift, max_shift) = (config.f64_or("base_shift", 0.5)?, config.f64_or("max_shift", 1.15)?);
+    if max_len <= base_len {
+        return Err(PipelineError::config(&config.path, "max_image_seq_len must exceed base_image_seq_len"));
+    }
+    let m = (max_shift - base_shift) / (max_len - base_len);
+    Ok(tokens as f64 * m + base_shift - m * base_len)
+}
+
 pub struct FlowEuler {
     timesteps: Vec<f64>,
     sigmas: Vec<f64>,
@@ -73,5 +85,35 @@ impl Scheduler for FlowEuler {
 
     fn step(&mut self, out: &Tensor, step: usize, sample: &Tensor, _noise: &mut NoiseStreams) -> candle_core::Result<Tensor> {
         axpby(1.0, sample, self.sigmas[step + 1] - self.sigmas[step], out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    /// FLUX.1-dev's published scheduler config; expected values from diffusers 0.42.1 (`calculate_shift`,
+    /// then `set_timesteps(sigmas=linspace(1, 1/n, n), mu=mu)`), float32 there.
+    #[test]
+    fn dynamic_shifting_matches_diffusers() {
+        let config = Config::from_value(
+            Path::new("scheduler_config.json"),
+            serde_json::json!({"shift": 3.0, "use_dynamic_shifting": true, "base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}),
+        );
+        let cases: [(usize, usize, f64, &[f64]); 2] = [
+            (4096, 4, 1.15, &[1.0, 0.904_530_76, 0.759_510_93, 0.512_844_15, 0.0]),
+            (1024, 6, 0.63, &[1.0, 0.903_735_58, 0.789_704_80, 0.652_489_42, 0.484_218_42, 0.273_003_31, 0.0]),
+        ];
+        for (tokens, steps, mu, expected) in cases {
+            let got_mu = dynamic_shift_mu(&config, tokens).unwrap();
+            assert!((got_mu - mu).abs() < 1e-12, "{tokens} tokens: mu {got_mu}");
+            let ramp = (0..steps).map(|i| 1.0 - i as f64 * (1.0 - 1.0 / steps as f64) / (steps - 1) as f64).collect();
+            let s = FlowEuler::new(&config, steps, Some(&FlowShift { sigmas: Some(ramp), mu: Some(got_mu) })).unwrap();
+            assert_eq!(s.sigmas.len(), expected.len());
+            for (a, b) in s.sigmas.iter().zip(expected) {
+                assert!((a - b).abs() < 1e-6, "{tokens} tokens, {steps} steps: {:?} vs {expected:?}", s.sigmas);
+            }
+        }
     }
 }
