@@ -231,6 +231,15 @@ impl QkNorm {
     }
 }
 
+/// Queries and keys of `x` split into heads, RMS-normalised per head where the model has a [`QkNorm`].
+pub fn qk_heads(q: &Linear, k: &Linear, norm: Option<&QkNorm>, x: &Tensor, heads: usize) -> candle_core::Result<(Tensor, Tensor)> {
+    let (q, k) = (split_heads(&q.forward(x)?, heads)?, split_heads(&k.forward(x)?, heads)?);
+    match norm {
+        Some(n) => Ok((n.q.forward(&q)?, n.k.forward(&k)?)),
+        None => Ok((q, k)),
+    }
+}
+
 /// Splits `[B, N, heads*d]` into `[B, heads, N, d]`.
 pub fn split_heads(x: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
     let (b, n, c) = x.dims3()?;

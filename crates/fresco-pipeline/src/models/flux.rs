@@ -5,9 +5,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{linear, Linear, RmsNorm, VarBuilder};
+use candle_nn::{linear, Linear, VarBuilder};
 
-use super::blocks::{attention, layer_norm_plain, merge_heads, modulate, split_heads, timestep_embedding, FeedForward, Mlp, QkNorm};
+use super::blocks::{attention, layer_norm_plain, merge_heads, modulate, qk_heads, split_heads, timestep_embedding, FeedForward, Mlp, QkNorm};
 use crate::error::{PipelineError, Result};
 use crate::loader::{Config, Weights};
 
@@ -113,10 +113,11 @@ impl DoubleBlock {
         let c = self.norm1_context.forward(&t)?.chunk(6, 1)?;
         let nx = modulate(&layer_norm_plain(x, 1e-6)?, &m[0], &m[1])?;
         let nc = modulate(&layer_norm_plain(ctx, 1e-6)?, &c[0], &c[1])?;
-        let heads = |l: &Linear, n: &RmsNorm, v: &Tensor| -> candle_core::Result<Tensor> { n.forward(&split_heads(&l.forward(v)?, self.heads)?) };
+        let (qc, kc) = qk_heads(&self.add_q, &self.add_k, Some(&self.norm_added), &nc, self.heads)?;
+        let (qx, kx) = qk_heads(&self.q, &self.k, Some(&self.norm), &nx, self.heads)?;
         // Text tokens first, then image tokens, as the rotary ids are laid out.
-        let q = Tensor::cat(&[heads(&self.add_q, &self.norm_added.q, &nc)?, heads(&self.q, &self.norm.q, &nx)?], 2)?;
-        let k = Tensor::cat(&[heads(&self.add_k, &self.norm_added.k, &nc)?, heads(&self.k, &self.norm.k, &nx)?], 2)?;
+        let q = Tensor::cat(&[qc, qx], 2)?;
+        let k = Tensor::cat(&[kc, kx], 2)?;
         let v = Tensor::cat(&[split_heads(&self.add_v.forward(&nc)?, self.heads)?, split_heads(&self.v.forward(&nx)?, self.heads)?], 2)?;
         let joint = merge_heads(&attention(&rope(&q, cos, sin)?, &rope(&k, cos, sin)?, &v)?)?;
         let n_txt = ctx.dim(1)?;
@@ -160,8 +161,8 @@ impl SingleBlock {
         let m = self.norm.forward(&candle_nn::ops::silu(temb)?)?.chunk(3, 1)?;
         let nx = modulate(&layer_norm_plain(x, 1e-6)?, &m[0], &m[1])?;
         let mlp = self.proj_mlp.forward(&nx)?.gelu()?;
-        let q = rope(&self.qk.q.forward(&split_heads(&self.q.forward(&nx)?, self.heads)?)?, cos, sin)?;
-        let k = rope(&self.qk.k.forward(&split_heads(&self.k.forward(&nx)?, self.heads)?)?, cos, sin)?;
+        let (q, k) = qk_heads(&self.q, &self.k, Some(&self.qk), &nx, self.heads)?;
+        let (q, k) = (rope(&q, cos, sin)?, rope(&k, cos, sin)?);
         let v = split_heads(&self.v.forward(&nx)?, self.heads)?;
         let attn = merge_heads(&attention(&q, &k, &v)?)?;
         let out = self.proj_out.forward(&Tensor::cat(&[&attn, &mlp], 2)?)?;

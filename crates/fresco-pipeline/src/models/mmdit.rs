@@ -9,7 +9,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{linear, Linear, VarBuilder};
 
-use super::blocks::{Conv2d, attention, conv, layer_norm_plain, merge_heads, modulate, split_heads, timestep_embedding, FeedForward, Mlp, QkNorm};
+use super::blocks::{Conv2d, attention, conv, layer_norm_plain, merge_heads, modulate, qk_heads, split_heads, timestep_embedding, FeedForward, Mlp, QkNorm};
 use crate::error::{PipelineError, Result};
 use crate::loader::{Config, Weights};
 
@@ -96,15 +96,6 @@ impl ImageAttention {
         let (q, k) = qk_heads(&self.q, &self.k, self.norm.as_ref(), x, heads)?;
         let v = split_heads(&self.v.forward(x)?, heads)?;
         self.to_out.forward(&merge_heads(&attention(&q, &k, &v)?)?)
-    }
-}
-
-/// Queries and keys split into heads, RMS-normalised per head where the model has `qk_norm`.
-fn qk_heads(q: &Linear, k: &Linear, norm: Option<&QkNorm>, x: &Tensor, heads: usize) -> candle_core::Result<(Tensor, Tensor)> {
-    let (q, k) = (split_heads(&q.forward(x)?, heads)?, split_heads(&k.forward(x)?, heads)?);
-    match norm {
-        Some(n) => Ok((n.q.forward(&q)?, n.k.forward(&k)?)),
-        None => Ok((q, k)),
     }
 }
 
