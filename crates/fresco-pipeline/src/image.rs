@@ -73,32 +73,6 @@ fn latin1_safe(s: &str) -> String {
     s.chars().map(|c| if (c as u32) < 256 { c.to_string() } else { format!("\\u{{{:x}}}", c as u32) }).collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn png_carries_parameters_and_round_trips_pixels() {
-        let img = GeneratedImage { width: 2, height: 1, rgb: vec![1, 2, 3, 250, 251, 252] };
-        let bytes = img.encode_png(Some("a cat\nSteps: 4, Seed: 1")).unwrap();
-        let decoder = png::Decoder::new(std::io::Cursor::new(&bytes));
-        let mut reader = decoder.read_info().unwrap();
-        let text = &reader.info().uncompressed_latin1_text;
-        assert_eq!(text[0].keyword, "parameters");
-        assert!(text[0].text.contains("Seed: 1"));
-        let mut buf = vec![0; reader.output_buffer_size()];
-        reader.next_frame(&mut buf).unwrap();
-        assert_eq!(buf, img.rgb);
-    }
-
-    #[test]
-    fn jpeg_and_webp_encode() {
-        let img = GeneratedImage { width: 8, height: 8, rgb: vec![128; 8 * 8 * 3] };
-        assert_eq!(&img.encode(ImageFormat::Jpeg, None).unwrap()[..2], &[0xff, 0xd8]);
-        assert_eq!(&img.encode(ImageFormat::Webp, None).unwrap()[..4], b"RIFF");
-    }
-}
-
 /// The generation parameters in the `parameters` text layout most image tools parse (AUTOMATIC1111's):
 /// the prompt, an optional `Negative prompt:` line, then comma-separated `Key: value` pairs.
 pub struct ParametersText<'a> {
@@ -124,5 +98,31 @@ impl std::fmt::Display for ParametersText<'_> {
             write!(f, "Seed: {s}, ")?;
         }
         write!(f, "Size: {}x{}, Model: {}", self.width, self.height, self.model)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn png_carries_parameters_and_round_trips_pixels() {
+        let img = GeneratedImage { width: 2, height: 1, rgb: vec![1, 2, 3, 250, 251, 252] };
+        let bytes = img.encode_png(Some("a cat\nSteps: 4, Seed: 1")).unwrap();
+        let decoder = png::Decoder::new(std::io::Cursor::new(&bytes));
+        let mut reader = decoder.read_info().unwrap();
+        let text = &reader.info().uncompressed_latin1_text;
+        assert_eq!(text[0].keyword, "parameters");
+        assert!(text[0].text.contains("Seed: 1"));
+        let mut buf = vec![0; reader.output_buffer_size()];
+        reader.next_frame(&mut buf).unwrap();
+        assert_eq!(buf, img.rgb);
+    }
+
+    #[test]
+    fn jpeg_and_webp_encode() {
+        let img = GeneratedImage { width: 8, height: 8, rgb: vec![128; 8 * 8 * 3] };
+        assert_eq!(&img.encode(ImageFormat::Jpeg, None).unwrap()[..2], &[0xff, 0xd8]);
+        assert_eq!(&img.encode(ImageFormat::Webp, None).unwrap()[..4], b"RIFF");
     }
 }

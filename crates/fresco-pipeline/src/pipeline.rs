@@ -40,6 +40,16 @@ impl std::str::FromStr for DeviceSpec {
     }
 }
 
+/// The spelling [`FromStr`](std::str::FromStr) reads back.
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
 impl DeviceSpec {
     pub fn device(&self) -> Result<Device> {
         match self {

@@ -45,7 +45,10 @@ impl Schedule {
 pub struct TrainOptions {
     pub seed: u64,
     pub arch: Arch,
+    /// The autoencoder, both halves together, on crops.
     pub vae: Schedule,
+    /// The decoder alone afterwards, encoder frozen, on whole scenes ([`train_decoder`]).
+    pub decoder: Schedule,
     pub denoiser: Schedule,
     /// Rendered scenes encoded once for denoiser training.
     pub pool: usize,
@@ -59,8 +62,9 @@ impl Default for TrainOptions {
         Self {
             seed: 0,
             arch: Arch::default(),
-            vae: Schedule { steps: 2000, batch: 32, lr: 2e-3 },
-            denoiser: Schedule { steps: 1000, batch: 32, lr: 1e-3 },
+            vae: Schedule { steps: 6000, batch: 8, lr: 2e-3 },
+            decoder: Schedule { steps: 16000, batch: 2, lr: 1e-3 },
+            denoiser: Schedule { steps: 3500, batch: 32, lr: 1e-3 },
             pool: 8192,
             uncond_fraction: 0.1,
             device: DeviceSpec::Cpu,
@@ -243,6 +247,22 @@ fn crop(img: &Image, x0: usize, y0: usize, side: usize) -> Image {
     Image { side, rgb }
 }
 
+/// A draw from the encoder's diagonal Gaussian posterior.
+fn posterior_sample(mean: &Tensor, logvar: &Tensor, noise: &mut Rng) -> Result<Tensor> {
+    let eps = normal_tensor(noise, mean.dims(), mean.device())?;
+    Ok((mean + (logvar.affine(0.5, 0.0)?.exp()? * eps)?)?)
+}
+
+/// Pixel L1 + L2, plus L1 of the difference of horizontal and vertical gradients: edges are few pixels,
+/// and a pixel loss alone rounds every corner.
+fn reconstruction_loss(decoded: &Tensor, target: &Tensor) -> Result<Tensor> {
+    let diff = (decoded - target)?;
+    let (h, w) = (diff.dim(2)?, diff.dim(3)?);
+    let dx = (diff.narrow(3, 1, w - 1)? - diff.narrow(3, 0, w - 1)?)?;
+    let dy = (diff.narrow(2, 1, h - 1)? - diff.narrow(2, 0, h - 1)?)?;
+    Ok((((diff.abs()?.mean_all()? + diff.sqr()?.mean_all()?)? + dx.abs()?.mean_all()?)? + dy.abs()?.mean_all()?)?)
+}
+
 /// Trains the autoencoder into `dir` (config + weights); returns the latent scaling factor it chose.
 pub fn train_vae(dir: &Path, opts: &TrainOptions, progress: Progress) -> Result<f64> {
     let device = opts.device.device()?;
@@ -275,15 +295,8 @@ pub fn train_vae(dir: &Path, opts: &TrainOptions, progress: Progress) -> Result<
         let x = images_tensor(&crops, &device)?;
         let (mean, logvar) = encoder.encode(&x)?;
         let logvar = logvar.clamp(-20f32, 10f32)?;
-        let eps = normal_tensor(&mut noise, mean.dims(), &device)?;
-        let z = (&mean + (logvar.affine(0.5, 0.0)?.exp()? * eps)?)?;
-        let diff = (decoder.decode(&z)? - &x)?;
-        // Edges are few pixels, and a pixel loss alone rounds every corner; the difference of the
-        // horizontal and vertical gradients puts weight on them.
-        let (h, w) = (diff.dim(2)?, diff.dim(3)?);
-        let dx = (diff.narrow(3, 1, w - 1)? - diff.narrow(3, 0, w - 1)?)?;
-        let dy = (diff.narrow(2, 1, h - 1)? - diff.narrow(2, 0, h - 1)?)?;
-        let recon = (((diff.abs()?.mean_all()? + diff.sqr()?.mean_all()?)? + dx.abs()?.mean_all()?)? + dy.abs()?.mean_all()?)?;
+        let z = posterior_sample(&mean, &logvar, &mut noise)?;
+        let recon = reconstruction_loss(&decoder.decode(&z)?, &x)?;
         let kl = (((mean.sqr()? + logvar.exp()?)? - 1.0)? - &logvar)?.mean_all()?.affine(0.5, 0.0)?;
         let loss = (recon + kl.affine(1e-4, 0.0)?)?;
         let grads = loss.backward()?;
@@ -303,24 +316,115 @@ pub fn train_vae(dir: &Path, opts: &TrainOptions, progress: Progress) -> Result<
     Ok(scaling)
 }
 
-/// Fraction of `n` rendered scenes whose autoencoder round trip (encode, take the mean, decode) still
-/// passes the adherence check: the ceiling any denoiser trained on these latents can reach.
-pub fn reconstruction_adherence(vae_dir: &Path, n: usize, seed: u64, device: &DeviceSpec) -> Result<f64> {
+/// Trains the decoder of the trained autoencoder in `vae_dir` further, with the encoder frozen, on
+/// whole scenes, and saves it in place. The latents the denoisers learn depend on the encoder alone, so
+/// this can run beside their training; and the decoder, which has to draw sharp edges and corners out of
+/// an 8×8 latent, is the half that needs the longer training.
+pub fn train_decoder(vae_dir: &Path, opts: &TrainOptions, progress: Progress) -> Result<()> {
+    let device = opts.device.device()?;
+    let encoder = VaeEncoder::load(vae_dir, DType::F32, &device)?;
+    let varmap = VarMap::new();
+    let decoder = VaeDecoder::new(VaeConfig::load(&vae_dir.join("config.json"))?, VarBuilder::from_varmap(&varmap, DType::F32, &device))?;
+    let path = vae_dir.join("diffusion_pytorch_model.safetensors");
+    let mut saved = candle_core::safetensors::load(&path, &device).map_err(|e| TinyError::Invalid(format!("{}: {e}", path.display())))?;
+    for (name, var) in sorted_vars(&varmap) {
+        let t = saved.remove(&name).ok_or_else(|| TinyError::Invalid(format!("{}: no tensor {name}", path.display())))?;
+        var.set(&t.to_dtype(DType::F32)?)?;
+    }
+    let seed = Rng::new(opts.seed).fork(4);
+    let (mut data, mut noise) = (seed.fork(1), seed.fork(2));
+    let s = opts.decoder;
+    let mut opt = adamw(varmap.all_vars(), s.lr)?;
+    for step in 0..s.steps {
+        opt.set_learning_rate(s.lr_at(step));
+        let (_, images) = training_scenes(&mut data, s.batch);
+        let x = images_tensor(&images, &device)?;
+        let (mean, logvar) = encoder.encode(&x)?;
+        // The decoder reads scaled latents, as the denoisers produce them.
+        let z = encoder.scale(&posterior_sample(&mean, &logvar.clamp(-20f32, 10f32)?, &mut noise)?)?;
+        let loss = reconstruction_loss(&decoder.decode(&z)?, &x)?;
+        opt.step(&loss.backward()?)?;
+        progress("decoder", step + 1, s.steps, loss.to_scalar::<f32>()?);
+    }
+    // The encoder's tensors (left in `saved`) are written back unchanged.
+    let mut tensors: Vec<(String, Tensor)> = saved.into_iter().collect();
+    tensors.extend(var_tensors(&varmap));
+    save_f16(tensors, &path)
+}
+
+/// How an autoencoder's round trip (encode, take the mean, decode) fares on held-out scenes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundTrip {
+    /// Fraction of scenes that still pass the adherence check: the ceiling any denoiser trained on
+    /// these latents can reach.
+    pub adherent: f64,
+    /// What the analysis found wrong, for the first few failing scenes.
+    pub problems: Vec<String>,
+    /// The first ten scenes: rendered, then after the round trip.
+    pub samples: [Vec<Image>; 2],
+}
+
+/// Runs `n` rendered held-out scenes through the autoencoder in `vae_dir` and checks each result.
+pub fn reconstruction_adherence(vae_dir: &Path, n: usize, seed: u64, device: &DeviceSpec) -> Result<RoundTrip> {
     let device = device.device()?;
     let encoder = VaeEncoder::load(vae_dir, DType::F32, &device)?;
     let decoder = VaeDecoder::load(vae_dir, DType::F32, &device)?;
     let mut rng = Rng::new(seed).fork(9);
     let scenes: Vec<_> = (0..n).map(|i| crate::render::sample_scene(&mut rng, 1 + i % 2, true)).collect();
     let mut ok = 0;
+    let mut problems = Vec::new();
+    let mut samples = [Vec::new(), Vec::new()];
     for chunk in scenes.chunks(32) {
         let images: Vec<Image> = chunk.iter().map(|(_, img)| img.clone()).collect();
         let (mean, _) = encoder.encode(&images_tensor(&images, &device)?)?;
         let decoded = fresco_pipeline::GeneratedImage::from_decoded(&decoder.decode(&encoder.scale(&mean)?)?)?;
-        for ((prompt, _), img) in chunk.iter().zip(decoded) {
-            ok += usize::from(crate::analyze::check(prompt, &Image { side: img.width as usize, rgb: img.rgb }).adherent);
+        for ((prompt, rendered), img) in chunk.iter().zip(decoded) {
+            let img = Image { side: img.width as usize, rgb: img.rgb };
+            let verdict = crate::analyze::check(prompt, &img);
+            ok += usize::from(verdict.adherent);
+            if samples[0].len() < 10 {
+                samples[0].push(rendered.clone());
+                samples[1].push(img);
+            }
+            if let Some(p) = verdict.problem.filter(|_| problems.len() < 8) {
+                problems.push(format!("{}: {p}", prompt.text()));
+            }
         }
     }
-    Ok(ok as f64 / n.max(1) as f64)
+    Ok(RoundTrip { adherent: ok as f64 / n.max(1) as f64, problems, samples })
+}
+
+/// An exponential moving average of a model's weights, which is what gets saved: images from the
+/// averaged weights are cleaner than from the last step's, whose noise the learning rate still stirs.
+struct Ema {
+    vars: Vec<(String, Var)>,
+    average: Vec<Tensor>,
+}
+
+/// The averaging horizon, in steps (decay 1 − 1/1000); shorter early on ((1 + n) / (10 + n)) so the
+/// average does not hold on to the random initialisation.
+const EMA_DECAY: f64 = 0.999;
+
+impl Ema {
+    fn new(map: &VarMap) -> Result<Self> {
+        let vars = sorted_vars(map);
+        // A detached copy: a view would share the variable's storage, which the optimiser updates in
+        // place, and an attached one would chain every step's average into one ever-growing graph.
+        let average = vars.iter().map(|(_, v)| Ok(v.as_tensor().copy()?.detach())).collect::<candle_core::Result<_>>()?;
+        Ok(Self { vars, average })
+    }
+
+    fn update(&mut self, step: usize) -> Result<()> {
+        let d = EMA_DECAY.min((1 + step) as f64 / (10 + step) as f64);
+        for ((_, var), avg) in self.vars.iter().zip(&mut self.average) {
+            *avg = ((&*avg * d)? + (var.as_tensor().detach() * (1.0 - d))?)?;
+        }
+        Ok(())
+    }
+
+    fn tensors(&self) -> Vec<(String, Tensor)> {
+        self.vars.iter().map(|(n, _)| n.clone()).zip(self.average.iter().cloned()).collect()
+    }
 }
 
 /// `alphas_cumprod` of the scaled-linear schedule the diffusion variant's scheduler states.
@@ -391,6 +495,7 @@ pub fn train_denoiser(dir: &Path, variant: Variant, opts: &TrainOptions, progres
     let mut vars = text_map.all_vars();
     vars.extend(unet_map.all_vars());
     let mut opt = adamw(vars, s.lr)?;
+    let (mut text_ema, mut unet_ema) = (Ema::new(&text_map)?, Ema::new(&unet_map)?);
     let mut draw = seed.fork(4);
     let ac = alphas_cumprod();
     for step in 0..s.steps {
@@ -432,16 +537,18 @@ pub fn train_denoiser(dir: &Path, variant: Variant, opts: &TrainOptions, progres
             check_gradients(&[&text_map, &unet_map], &grads)?;
         }
         opt.step(&grads)?;
+        text_ema.update(step)?;
+        unet_ema.update(step)?;
         progress(variant.name(), step + 1, s.steps, loss.to_scalar::<f32>()?);
     }
-    let mut text_tensors = var_tensors(&text_map);
+    let mut text_tensors = text_ema.tensors();
     for (name, t) in &mut text_tensors {
         if name.ends_with("token_embedding.weight") {
             *t = vocab.expand(t, full_config.vocab_size, &seed.fork(5))?;
         }
     }
     save_f16(text_tensors, &dir.join("text_encoder/model.safetensors"))?;
-    save_f16(var_tensors(&unet_map), &dir.join("unet/diffusion_pytorch_model.safetensors"))
+    save_f16(unet_ema.tensors(), &dir.join("unet/diffusion_pytorch_model.safetensors"))
 }
 
 #[cfg(test)]
@@ -463,6 +570,26 @@ mod tests {
         let grads = loss.backward().expect("backward");
         let err = check_gradients(&[&map], &grads).expect_err("fused softmax gives no gradient");
         assert!(err.to_string().contains("behind_fused") && !err.to_string().contains("behind_ours"), "{err}");
+    }
+
+    #[test]
+    fn the_average_follows_the_weights_with_a_decay_that_warms_up() {
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+        let w = vb.get_with_hints(1, "w", Init::Const(0.0)).expect("w");
+        let mut ema = Ema::new(&map).expect("ema");
+        let value = |ema: &Ema| ema.tensors()[0].1.to_vec1::<f32>().expect("vec")[0];
+        let var = sorted_vars(&map).remove(0).1;
+        var.set(&Tensor::new(&[1f32], &Device::Cpu).expect("one")).expect("set");
+        // Step 0 keeps a tenth of the old average; late steps keep 0.999 of it.
+        ema.update(0).expect("update");
+        assert!((value(&ema) - 0.9).abs() < 1e-6, "{}", value(&ema));
+        ema.update(1_000_000).expect("update");
+        assert!((value(&ema) - (0.9 * 0.999 + 0.001)).abs() < 1e-6, "{}", value(&ema));
+        assert_eq!(w.to_vec1::<f32>().expect("w"), [1.0], "the weights themselves are untouched");
+        // Nothing is recorded for a backward pass: otherwise each step's average would keep the previous
+        // one alive, and a long run would run out of memory.
+        assert!(ema.average.iter().all(|a| !a.track_op()));
     }
 
     #[test]

@@ -93,3 +93,44 @@ fn training_is_a_pure_function_of_the_seed() {
         assert!(weights(x) != weights(z), "different seeds, same weights in {}", x.display());
     }
 }
+
+/// Names and bytes of every tensor in a safetensors file.
+fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let bytes = std::fs::read(path).expect("read");
+    let file = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    let mut out: Vec<(String, Vec<u8>)> = file.tensors().into_iter().map(|(n, t)| (n, t.data().to_vec())).collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn decoder_training_leaves_the_encoder_and_so_the_latents_alone() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut opts = options(3);
+    opts.decoder = Schedule { steps: 3, batch: 2, lr: 1e-2 };
+    let vae = root.path().join("vae");
+    train::train_vae(&vae, &opts, &mut |_, _, _, _| {}).expect("vae");
+    let file = vae.join("diffusion_pytorch_model.safetensors");
+    let before = tensors(&file);
+    let mut steps = 0;
+    train::train_decoder(&vae, &opts, &mut |phase, _, _, loss| {
+        assert_eq!(phase, "decoder");
+        assert!(loss.is_finite());
+        steps += 1;
+    })
+    .expect("decoder");
+    assert_eq!(steps, 3);
+    let after = tensors(&file);
+    assert_eq!(before.iter().map(|t| &t.0).collect::<Vec<_>>(), after.iter().map(|t| &t.0).collect::<Vec<_>>(), "same tensors");
+    for ((name, a), (_, b)) in before.iter().zip(&after) {
+        let encoder_side = name.starts_with("encoder.") || name.starts_with("quant_conv.");
+        if encoder_side {
+            assert!(a == b, "{name} changed");
+        }
+    }
+    let changed = |prefix: &str| before.iter().zip(&after).any(|((n, a), (_, b))| n.starts_with(prefix) && a != b);
+    assert!(changed("decoder.") && changed("post_quant_conv."), "the decoder was not trained");
+    // What the round trip reads back is still a whole autoencoder.
+    let rt = train::reconstruction_adherence(&vae, 4, 1, &DeviceSpec::Cpu).expect("round trip");
+    assert_eq!(rt.samples.iter().map(Vec::len).collect::<Vec<_>>(), [4, 4]);
+}

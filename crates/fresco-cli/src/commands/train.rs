@@ -1,11 +1,13 @@
 //! `fresco train`: trains the bundled fresco-tiny models (both variants) from the procedural shapes world.
 
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
 use fresco_tiny::train::{self, Schedule, TrainOptions};
 use fresco_tiny::{Arch, Variant};
+use fresco_pipeline::DeviceSpec;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -28,6 +30,13 @@ pub struct Args {
     vae_steps: usize,
     #[arg(long, default_value_t = TrainOptions::default().vae.batch)]
     vae_batch: usize,
+    #[arg(long, default_value_t = TrainOptions::default().vae.lr)]
+    vae_lr: f64,
+    /// Steps of the decoder's further training (encoder frozen; beside the denoisers' on the CPU).
+    #[arg(long, default_value_t = TrainOptions::default().decoder.steps)]
+    decoder_steps: usize,
+    #[arg(long, default_value_t = TrainOptions::default().decoder.batch)]
+    decoder_batch: usize,
     #[arg(long, default_value_t = TrainOptions::default().denoiser.steps)]
     steps: usize,
     #[arg(long, default_value_t = TrainOptions::default().denoiser.batch)]
@@ -52,6 +61,12 @@ pub struct Args {
     /// Train the miniature test architecture (seconds, not minutes; for trying the command out).
     #[arg(long)]
     test_arch: bool,
+    /// Set on the child processes that train one part each (the parent checks the autoencoder).
+    #[arg(long, hide = true)]
+    no_round_trip: bool,
+    /// Child process: only train the decoder of this autoencoder folder further.
+    #[arg(long, hide = true)]
+    decoder_of: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -103,13 +118,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let opts = TrainOptions {
         seed: args.seed,
         arch: arch(&args)?,
-        vae: Schedule { steps: args.vae_steps, batch: args.vae_batch, ..defaults.vae },
+        vae: Schedule { steps: args.vae_steps, batch: args.vae_batch, lr: args.vae_lr },
+        decoder: Schedule { steps: args.decoder_steps, batch: args.decoder_batch, ..defaults.decoder },
         denoiser: Schedule { steps: args.steps, batch: args.batch, lr: args.lr },
         pool: args.pool,
         device: args.device.clone(),
         ..defaults
     };
-    anyhow::ensure!(opts.vae.batch > 0 && opts.denoiser.batch > 0 && opts.pool > 0, "--vae-batch, --batch and --pool must be positive");
+    anyhow::ensure!(
+        opts.vae.batch > 0 && opts.decoder.batch > 0 && opts.denoiser.batch > 0 && opts.pool > 0,
+        "--vae-batch, --decoder-batch, --batch and --pool must be positive"
+    );
     let variants: Vec<Variant> = match args.variant {
         Which::Both => vec![Variant::Diffusion, Variant::Flow],
         Which::Diffusion => vec![Variant::Diffusion],
@@ -129,33 +148,155 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     };
 
-    let vae_dir = match &args.vae_from {
-        Some(dir) => dir.join("vae"),
+    if let Some(vae_dir) = &args.decoder_of {
+        return train::train_decoder(vae_dir, &opts, &mut progress).context("training the decoder");
+    }
+    // `--vae-from` names a model folder; a freshly trained autoencoder goes into one of its own.
+    let (vae_dir, fresh) = match &args.vae_from {
+        Some(dir) => (dir.join("vae"), false),
         None => {
-            let dir = args.out.join(".vae");
+            let dir = args.out.join(".vae/vae");
             let scale = train::train_vae(&dir, &opts, &mut progress).context("training the autoencoder")?;
             eprintln!("autoencoder trained: latent scaling factor {scale:.4}");
-            dir
+            (dir, true)
         }
     };
-    let round_trip = train::reconstruction_adherence(&vae_dir, 200, opts.seed, &opts.device).context("checking the autoencoder")?;
-    eprintln!("autoencoder round trip keeps {:.1}% of held-out scenes adherent", 100.0 * round_trip);
-    for variant in variants {
-        let dir = args.out.join(variant.folder());
-        let (steps, guidance) = recipe(variant);
-        train::write_skeleton(&dir, variant, &opts.arch, &args.tokenizer, steps, guidance).with_context(|| format!("writing {}", dir.display()))?;
-        copy_dir(&vae_dir, &dir.join("vae"))?;
-        train::train_denoiser(&dir, variant, &opts, &mut progress).with_context(|| format!("training {}", dir.display()))?;
-        eprintln!("{} written ({:.0} s so far)", dir.display(), started.elapsed().as_secs_f64());
+    let decoder = fresh && opts.decoder.steps > 0;
+    // candle's CPU kernels gain little from a second thread at these sizes (one thread even ran a step
+    // faster than two), so on the CPU the parts train side by side, one process and thread each.
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let parts: Vec<Part> = variants.iter().map(|&v| Part::Denoiser(v)).chain(decoder.then_some(Part::Decoder)).collect();
+    if parts.len() > 1 && args.device == DeviceSpec::Cpu && cores > 1 {
+        // Each denoiser gets its model folder with the autoencoder as it is now, before the decoder's
+        // training rewrites the shared copy.
+        for &variant in &variants {
+            prepare_model(&args, &opts, variant, &vae_dir)?;
+        }
+        let threads = (cores / parts.len()).max(1).to_string();
+        let exe = std::env::current_exe().context("finding the fresco executable")?;
+        let children = parts
+            .iter()
+            .map(|part| {
+                std::process::Command::new(&exe)
+                    .args(child_args(&args, *part, &vae_dir))
+                    .env("RAYON_NUM_THREADS", &threads)
+                    .spawn()
+                    .with_context(|| format!("starting the {} training", part.name()))
+                    .map(|child| (part, child))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        for (part, mut child) in children {
+            let status = child.wait().with_context(|| format!("waiting for the {} training", part.name()))?;
+            anyhow::ensure!(status.success(), "training the {} failed ({status})", part.name());
+        }
+    } else {
+        if decoder {
+            train::train_decoder(&vae_dir, &opts, &mut progress).context("training the decoder")?;
+        }
+        for &variant in &variants {
+            let dir = args.out.join(variant.folder());
+            prepare_model(&args, &opts, variant, &vae_dir)?;
+            train::train_denoiser(&dir, variant, &opts, &mut progress).with_context(|| format!("training {}", dir.display()))?;
+            eprintln!("{} written ({:.0} s so far)", dir.display(), started.elapsed().as_secs_f64());
+        }
     }
-    if args.vae_from.is_none() {
+    if !args.no_round_trip {
+        report_round_trip(&args, &vae_dir, &opts)?;
+    }
+    if fresh {
+        // The models get the autoencoder as it ended, decoder training included.
+        for &variant in &variants {
+            copy_dir(&vae_dir, &args.out.join(variant.folder()).join("vae"))?;
+        }
         let dir = args.out.join(".vae");
         std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     }
     Ok(())
 }
 
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> anyhow::Result<()> {
+/// What one training process works on.
+#[derive(Clone, Copy)]
+enum Part {
+    Denoiser(Variant),
+    Decoder,
+}
+
+impl Part {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Denoiser(v) => v.name(),
+            Self::Decoder => "decoder",
+        }
+    }
+}
+
+/// A model folder's configs, tokenizer and autoencoder, ready for its denoiser's training.
+fn prepare_model(args: &Args, opts: &TrainOptions, variant: Variant, vae_dir: &Path) -> anyhow::Result<()> {
+    let dir = args.out.join(variant.folder());
+    let (steps, guidance) = recipe(variant);
+    train::write_skeleton(&dir, variant, &opts.arch, &args.tokenizer, steps, guidance).with_context(|| format!("writing {}", dir.display()))?;
+    copy_dir(vae_dir, &dir.join("vae"))
+}
+
+/// Prints how much of the scenes' content survives the autoencoder, and writes sample pairs.
+fn report_round_trip(args: &Args, vae_dir: &Path, opts: &TrainOptions) -> anyhow::Result<()> {
+    let round_trip = train::reconstruction_adherence(vae_dir, 200, opts.seed, &opts.device).context("checking the autoencoder")?;
+    eprintln!("autoencoder round trip keeps {:.1}% of held-out scenes adherent", 100.0 * round_trip.adherent);
+    for problem in &round_trip.problems {
+        eprintln!("  round trip: {problem}");
+    }
+    if let Some(grid) = fresco_tiny::eval::grid(&round_trip.samples) {
+        let path = args.out.join("round-trip.png");
+        std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+        std::fs::write(&path, grid.encode_png(None)?).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("round trip samples (rendered above, decoded below): {}", path.display());
+    }
+    Ok(())
+}
+
+/// The arguments of a child `fresco train` that trains one part of this run on its autoencoder.
+fn child_args(args: &Args, part: Part, vae_dir: &Path) -> Vec<OsString> {
+    let mut out: Vec<OsString> = vec!["train".into(), "--no-round-trip".into()];
+    let mut flag = |name: &str, value: OsString| {
+        out.push(format!("--{name}").into());
+        out.push(value);
+    };
+    let list = |v: &[usize]| v.iter().map(usize::to_string).collect::<Vec<_>>().join(",").into();
+    match part {
+        Part::Denoiser(v) => {
+            flag("variant", v.name().into());
+            flag("vae-from", args.out.join(v.folder()).into());
+        }
+        Part::Decoder => {
+            flag("decoder-of", vae_dir.into());
+            flag("decoder-steps", args.decoder_steps.to_string().into());
+            flag("decoder-batch", args.decoder_batch.to_string().into());
+        }
+    }
+    flag("out", args.out.clone().into());
+    flag("seed", args.seed.to_string().into());
+    flag("tokenizer", args.tokenizer.clone().into());
+    flag("steps", args.steps.to_string().into());
+    flag("batch", args.batch.to_string().into());
+    flag("lr", args.lr.to_string().into());
+    flag("pool", args.pool.to_string().into());
+    flag("device", args.device.to_string().into());
+    if let Some(c) = &args.vae_channels {
+        flag("vae-channels", list(c));
+    }
+    if let Some(c) = args.latent_channels {
+        flag("latent-channels", c.to_string().into());
+    }
+    if let Some(c) = &args.unet_channels {
+        flag("unet-channels", list(c));
+    }
+    if args.test_arch {
+        out.push("--test-arch".into());
+    }
+    out
+}
+
+fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
     if from == to {
         return Ok(());
     }
@@ -164,4 +305,37 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> anyhow::Result<()> 
         std::fs::copy(from.join(name), to.join(name)).with_context(|| format!("copying {}", from.join(name).display()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Args {
+        match crate::Cli::try_parse_from(std::iter::once(OsString::from("fresco")).chain(args)).expect("parses").command {
+            crate::Command::Train(a) => a,
+            _ => panic!("not a train command"),
+        }
+    }
+
+    /// A child process trains exactly what its parent was asked to, plus its own part.
+    #[test]
+    fn child_processes_get_the_parents_settings() {
+        let line = "train --out /tmp/m --seed 7 --tokenizer /tmp/tok --steps 9 --batch 3 --lr 0.002 --pool 5 \
+                    --decoder-steps 11 --decoder-batch 4 --vae-channels 8,8,16,16 --latent-channels 4 --unet-channels 16,32 --test-arch";
+        let parent = parse(line.split(' ').map(OsString::from));
+        let vae = Path::new("/tmp/m/.vae/vae");
+        let same = |c: &Args| {
+            (c.out == parent.out && c.seed == 7 && c.tokenizer == parent.tokenizer && c.steps == 9 && c.batch == 3 && c.lr == 0.002)
+                && (c.pool == 5 && c.vae_channels == parent.vae_channels && c.latent_channels == Some(4) && c.unet_channels == parent.unet_channels)
+                && (c.test_arch && c.no_round_trip && c.device == DeviceSpec::Cpu)
+        };
+        let flow = parse(child_args(&parent, Part::Denoiser(Variant::Flow), vae));
+        assert!(same(&flow));
+        assert!(flow.variant == Which::Flow && flow.vae_from.as_deref() == Some(Path::new("/tmp/m/fresco-tiny-flow")) && flow.decoder_of.is_none());
+        let decoder = parse(child_args(&parent, Part::Decoder, vae));
+        assert!(same(&decoder));
+        assert!(decoder.decoder_of.as_deref() == Some(vae) && (decoder.decoder_steps, decoder.decoder_batch) == (11, 4));
+    }
 }

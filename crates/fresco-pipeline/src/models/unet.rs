@@ -309,9 +309,9 @@ impl UNet {
 
         let mut down = Vec::with_capacity(n);
         let mut out_c = bo[0];
-        for i in 0..n {
+        for (i, &width) in bo.iter().enumerate() {
             let in_c = out_c;
-            out_c = bo[i];
+            out_c = width;
             let vb = vb.pp(format!("down_blocks.{i}"));
             let mut resnets = Vec::new();
             let mut attentions = Vec::new();
@@ -337,9 +337,9 @@ impl UNet {
         let rdepth = cfg.reverse_transformer_depth.clone().unwrap_or_else(|| rev(&cfg.transformer_depth));
         let mut up = Vec::with_capacity(n);
         let mut out_c = rbo[0];
-        for i in 0..n {
+        for (i, &width) in rbo.iter().enumerate() {
             let prev_out = out_c;
-            out_c = rbo[i];
+            out_c = width;
             let in_c = rbo[(i + 1).min(n - 1)];
             let vb = vb.pp(format!("up_blocks.{i}"));
             let layers = rlayers[i] + 1;
