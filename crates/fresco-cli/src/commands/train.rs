@@ -166,12 +166,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // faster than two), so on the CPU the parts train side by side, one process and thread each.
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let parts: Vec<Part> = variants.iter().map(|&v| Part::Denoiser(v)).chain(decoder.then_some(Part::Decoder)).collect();
+    // Each denoiser gets its model folder with the autoencoder as it is now (its encoder is final); the
+    // decoder's training rewrites only the shared copy, which the folders receive at the end.
+    for &variant in &variants {
+        prepare_model(&args, &opts, variant, &vae_dir)?;
+    }
     if parts.len() > 1 && args.device == DeviceSpec::Cpu && cores > 1 {
-        // Each denoiser gets its model folder with the autoencoder as it is now, before the decoder's
-        // training rewrites the shared copy.
-        for &variant in &variants {
-            prepare_model(&args, &opts, variant, &vae_dir)?;
-        }
         let threads = (cores / parts.len()).max(1).to_string();
         let exe = std::env::current_exe().context("finding the fresco executable")?;
         let children = parts
@@ -195,7 +195,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         for &variant in &variants {
             let dir = args.out.join(variant.folder());
-            prepare_model(&args, &opts, variant, &vae_dir)?;
             train::train_denoiser(&dir, variant, &opts, &mut progress).with_context(|| format!("training {}", dir.display()))?;
             eprintln!("{} written ({:.0} s so far)", dir.display(), started.elapsed().as_secs_f64());
         }
