@@ -1,48 +1,109 @@
 //! Building blocks the U-Net and the VAE share, named as diffusers names their weights.
 
-use candle_core::{Module, Tensor, D};
-use candle_nn::{conv2d, group_norm, linear, Conv2dConfig, GroupNorm, Linear, RmsNorm, VarBuilder};
+use candle_core::{DType, Module, Tensor, D};
+use candle_nn::{conv2d, Conv2dConfig, RmsNorm, VarBuilder};
+
+use super::broadcast;
+use super::im2col::im2col;
 
 pub fn conv(in_c: usize, out_c: usize, kernel: usize, stride: usize, padding: usize, vb: VarBuilder) -> candle_core::Result<Conv2d> {
     Ok(Conv2d(conv2d(in_c, out_c, kernel, Conv2dConfig { padding, stride, ..Default::default() }, vb)?))
 }
 
-/// A 2-D convolution. Inference runs candle's kernel. While a graph is recorded (training) it runs as
-/// im2col — shifted slices concatenated, then one matmul — because candle's conv backward goes through a
-/// direct `conv_transpose2d` loop that is some fifty times slower on the CPU than the matmul's backward
-/// (GPUs keep candle's kernels: their backward runs in parallel there).
+/// A 2-D convolution. Inference runs candle's kernel. While a graph is recorded (training) on the CPU it
+/// runs as [`im2col`] and one matmul, because candle's conv backward goes through a direct
+/// `conv_transpose2d` loop that is some fifty times slower on the CPU than the matmul's backward (GPUs
+/// keep candle's kernels: their backward runs in parallel there).
 pub struct Conv2d(candle_nn::Conv2d);
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let cfg = self.0.config();
         let weight = self.0.weight();
-        if !(x.track_op() || weight.track_op()) || !x.device().is_cpu() || cfg.dilation != 1 || cfg.groups != 1 {
+        let training = x.track_op() || weight.track_op();
+        if !training || !x.device().is_cpu() || x.dtype() != DType::F32 || cfg.dilation != 1 || cfg.groups != 1 {
             return self.0.forward(x);
         }
-        let (b, c, h, w) = x.dims4()?;
+        let (b, _, h, w) = x.dims4()?;
         let (o, _, kh, kw) = weight.dims4()?;
-        let p = cfg.padding;
-        let xp = if p > 0 { x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)? } else { x.clone() };
-        let (oh, ow) = (h + 2 * p + 1 - kh, w + 2 * p + 1 - kw);
-        let mut slices = Vec::with_capacity(kh * kw);
-        for dy in 0..kh {
-            for dx in 0..kw {
-                slices.push(xp.narrow(2, dy, oh)?.narrow(3, dx, ow)?);
-            }
+        let span = |n: usize, k: usize| (n + 2 * cfg.padding - k) / cfg.stride + 1;
+        // The columns of the whole batch are one `[k·k·C, B·OH·OW]` matrix and the convolution one matmul,
+        // whose weight gradient is one matmul too (a matmul broadcast over the batch would leave a sum
+        // over it to candle's slow reduction). Column order is (dy, dx) major, channel minor; the weight
+        // is laid out to match.
+        let cols = im2col(x, (kh, kw), cfg.stride, cfg.padding)?;
+        let wm = weight.permute((0, 2, 3, 1))?.reshape((o, cols.dim(0)?))?;
+        let mut out = wm.matmul(&cols)?;
+        if let Some(bias) = self.0.bias() {
+            // Summed over the trailing axis in the backward pass: candle's fast reduction.
+            out = out.broadcast_add(&bias.reshape((o, 1))?)?;
         }
-        let cols = Tensor::cat(&slices, 1)?.reshape((b, kh * kw * c, oh * ow))?;
-        // Column order is (dy, dx) major, channel minor; the weight is laid out to match.
-        let wm = weight.permute((0, 2, 3, 1))?.reshape((o, kh * kw * c))?;
-        let mut out = wm.broadcast_matmul(&cols)?.reshape((b, o, oh, ow))?;
-        if cfg.stride > 1 {
-            let pick = |n: usize| Tensor::arange_step(0u32, n as u32, cfg.stride as u32, x.device());
-            out = out.index_select(&pick(oh)?, 2)?.index_select(&pick(ow)?, 3)?;
-        }
+        out.reshape((o, b, span(h, kh), span(w, kw)))?.transpose(0, 1)?.contiguous()
+    }
+}
+
+/// A linear layer: candle's, except that while a gradient is recorded the bias goes through
+/// [`broadcast::add`], whose backward is fast on the CPU.
+pub struct Linear(candle_nn::Linear);
+
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
+    Ok(Linear(candle_nn::linear(in_dim, out_dim, vb)?))
+}
+
+pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
+    Ok(Linear(candle_nn::linear_no_bias(in_dim, out_dim, vb)?))
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self.0.bias() {
-            Some(bias) => out.broadcast_add(&bias.reshape((1, o, 1, 1))?),
-            None => Ok(out),
+            Some(bias) if bias.track_op() => {
+                broadcast::add(&candle_nn::Linear::new(self.0.weight().clone(), None).forward(x)?, bias)
+            }
+            _ => self.0.forward(x),
         }
+    }
+}
+
+/// GroupNorm as candle computes it (statistics in f32), with the learned per-channel scale and shift
+/// applied through [`broadcast`].
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<GroupNorm> {
+    if groups == 0 || channels % groups != 0 {
+        candle_core::bail!("GroupNorm: {channels} channels do not split into {groups} groups")
+    }
+    Ok(GroupNorm {
+        weight: vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.0))?,
+        bias: vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.0))?,
+        groups,
+        eps,
+    })
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dims = x.dims();
+        if dims.len() < 3 || dims[1] != self.weight.dim(0)? {
+            candle_core::bail!("GroupNorm of {} channels applied to a {:?} tensor", self.weight.dim(0)?, dims)
+        }
+        let dtype = x.dtype();
+        let n = x.elem_count() / (dims[0] * self.groups);
+        let g = x.reshape((dims[0], self.groups, n))?.to_dtype(match dtype {
+            DType::F16 | DType::BF16 => DType::F32,
+            d => d,
+        })?;
+        let centered = g.broadcast_sub(&(g.sum_keepdim(2)? / n as f64)?)?;
+        let var = (centered.sqr()?.sum_keepdim(2)? / n as f64)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dtype)?.reshape(dims)?;
+        let mut per_channel = vec![1; dims.len()];
+        per_channel[1] = dims[1];
+        broadcast::add(&broadcast::mul(&normed, &self.weight.reshape(per_channel.as_slice())?)?, &self.bias.reshape(per_channel)?)
     }
 }
 
@@ -138,7 +199,7 @@ impl Upsample {
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
         let up = if x.track_op() && (th, tw) == (2 * h, 2 * w) {
             // Training: a broadcast, whose backward is a sum (candle's runs a grouped convolution).
-            x.reshape((b, c, h, 1, w, 1))?.broadcast_as((b, c, h, 2, w, 2))?.reshape((b, c, th, tw))?
+            broadcast::expand(&x.reshape((b, c, h, 1, w, 1))?, &(b, c, h, 2, w, 2).into())?.reshape((b, c, th, tw))?
         } else {
             x.upsample_nearest2d(th, tw)?
         };
@@ -211,7 +272,7 @@ impl LayerNorm {
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         if x.track_op() || self.weight.track_op() {
-            layer_norm_plain(x, self.eps)?.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+            broadcast::add(&broadcast::mul(&layer_norm_plain(x, self.eps)?, &self.weight)?, &self.bias)
         } else {
             candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)
         }
@@ -335,6 +396,36 @@ mod tests {
             assert_eq!(trained.dims(), reference.dims(), "k{k} s{stride} p{padding}");
             let diff = (trained - reference).expect("sub").abs().expect("abs").max_all().expect("max").to_scalar::<f32>().expect("scalar");
             assert!(diff < 1e-4, "k{k} s{stride} p{padding}: max difference {diff}");
+        }
+    }
+
+    /// And its backward (im2col's scatter, the single matmul, the bias) gives candle's gradients for the
+    /// input, the weight and the bias.
+    #[test]
+    fn training_convolution_gradients_match_candles() {
+        let dev = Device::Cpu;
+        for (k, stride, padding) in [(3, 1, 1), (3, 2, 1), (3, 2, 0), (1, 1, 0)] {
+            let map = VarMap::new();
+            let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
+            let c = conv(4, 6, k, stride, padding, vb).expect("conv");
+            let x = candle_core::Var::randn(0f32, 1., (3, 4, 7, 6), &dev).expect("x");
+            // candle's strided backward takes its output padding from the height alone (a wrong width
+            // when height and width differ in parity, as here), so the reference is its stride-1
+            // convolution, subsampled.
+            let dense = candle_nn::Conv2d::new(c.0.weight().clone(), c.0.bias().cloned(), Conv2dConfig { stride: 1, ..*c.0.config() });
+            let full = dense.forward(x.as_tensor()).expect("dense");
+            let pick = |n: usize| Tensor::arange_step(0u32, n as u32, stride as u32, &dev).expect("pick");
+            let reference = full.index_select(&pick(full.dim(2).expect("h")), 2).expect("rows").index_select(&pick(full.dim(3).expect("w")), 3).expect("cols");
+            let ours = c.forward(x.as_tensor()).expect("ours");
+            assert_eq!(ours.dims(), reference.dims());
+            let ours = ours.sqr().expect("sq").sum_all().expect("sum").backward().expect("bwd");
+            let theirs = reference.sqr().expect("sq").sum_all().expect("sum").backward().expect("bwd");
+            let bias = c.0.bias().expect("bias");
+            for (name, t) in [("input", x.as_tensor()), ("weight", c.0.weight()), ("bias", bias)] {
+                let (a, b) = (ours.get(t).expect("ours"), theirs.get(t).expect("theirs"));
+                let diff = (a - b).expect("sub").abs().expect("abs").max_all().expect("max").to_scalar::<f32>().expect("scalar");
+                assert!(diff < 1e-3, "k{k} s{stride} p{padding}: {name} gradients differ by {diff}");
+            }
         }
     }
 

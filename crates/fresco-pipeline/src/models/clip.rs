@@ -5,9 +5,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
-use candle_nn::{embedding, linear, linear_no_bias, Embedding, Linear, VarBuilder};
+use candle_nn::{embedding, Embedding, VarBuilder};
 
-use super::blocks::{softmax_last_dim, LayerNorm};
+use super::blocks::{linear, linear_no_bias, softmax_last_dim, LayerNorm, Linear};
 use crate::error::{PipelineError, Result};
 use crate::loader::{Config, Weights};
 
@@ -181,7 +181,7 @@ impl ClipTextModel {
         }
         let input = Tensor::from_vec(flat, (b, n), device)?;
         let positions = Tensor::arange(0u32, n as u32, device)?;
-        let mut x = self.token_embedding.forward(&input)?.broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let mut x = super::broadcast::add(&self.token_embedding.forward(&input)?, &self.position_embedding.forward(&positions)?)?;
         let mask = causal_mask(n, x.dtype(), device)?;
         let mut hidden_states = vec![x.clone()];
         for layer in &self.layers {

@@ -5,9 +5,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
-use super::blocks::{attention, layer_norm_plain, merge_heads, modulate, qk_heads, split_heads, timestep_embedding, FeedForward, Mlp, QkNorm};
+use super::blocks::{attention, layer_norm_plain, linear, merge_heads, modulate, qk_heads, split_heads, timestep_embedding, FeedForward, Linear, Mlp, QkNorm};
 use crate::error::{PipelineError, Result};
 use crate::loader::{Config, Weights};
 

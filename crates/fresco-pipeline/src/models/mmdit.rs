@@ -7,9 +7,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
-use super::blocks::{Conv2d, attention, conv, layer_norm_plain, merge_heads, modulate, qk_heads, split_heads, timestep_embedding, FeedForward, Mlp, QkNorm};
+use super::blocks::{attention, conv, layer_norm_plain, linear, merge_heads, modulate, qk_heads, split_heads, timestep_embedding, Conv2d, FeedForward, Linear, Mlp, QkNorm};
 use crate::error::{PipelineError, Result};
 use crate::loader::{Config, Weights};
 

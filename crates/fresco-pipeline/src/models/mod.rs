@@ -1,8 +1,10 @@
 //! The networks of the supported families, each built from its diffusers / transformers config.
 
 pub mod blocks;
+pub mod broadcast;
 pub mod clip;
 pub mod flux;
+mod im2col;
 pub mod mmdit;
 pub mod t5;
 pub mod unet;

@@ -5,9 +5,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{group_norm, linear, linear_no_bias, GroupNorm, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
-use super::blocks::{Conv2d, attention, conv, merge_heads, split_heads, timestep_embedding, Downsample, LayerNorm, ResnetBlock, Upsample};
+use super::blocks::{attention, conv, group_norm, linear, linear_no_bias, merge_heads, split_heads, timestep_embedding, Conv2d, Downsample, GroupNorm, LayerNorm, Linear, ResnetBlock, Upsample};
 use crate::error::{PipelineError, Result};
 use crate::loader::{Config, Weights};
 

@@ -4,9 +4,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{group_norm, linear, GroupNorm, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
-use super::blocks::{Conv2d, attention, conv, merge_heads, split_heads, Downsample, ResnetBlock, Upsample};
+use super::blocks::{attention, conv, group_norm, linear, merge_heads, split_heads, Conv2d, Downsample, GroupNorm, Linear, ResnetBlock, Upsample};
 use crate::error::{PipelineError, Result};
 use crate::loader::{Config, Weights};
 

@@ -1,0 +1,113 @@
+//! im2col with a direct backward, for convolutions while a gradient is recorded on the CPU.
+//!
+//! Built from candle ops (nine shifted slices, concatenated), every slice's backward pads its gradient
+//! back to the full input with a fresh zero tensor and adds it to the sum: nine allocations and passes
+//! over the input per convolution, plus the concatenation's copies both ways. Here the forward gathers
+//! the columns in one pass and the backward scatters them back in one.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+
+use super::broadcast::contiguous_f32;
+
+/// The geometry of one convolution's columns.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    batch: usize,
+    channels: usize,
+    h: usize,
+    w: usize,
+    kernel: (usize, usize),
+    stride: usize,
+    padding: usize,
+}
+
+impl Geometry {
+    fn out(&self) -> (usize, usize) {
+        let span = |n: usize, k: usize| (n + 2 * self.padding - k) / self.stride + 1;
+        (span(self.h, self.kernel.0), span(self.w, self.kernel.1))
+    }
+
+    fn cols_shape(&self) -> Shape {
+        let (oh, ow) = self.out();
+        Shape::from((self.kernel.0 * self.kernel.1 * self.channels, self.batch * oh * ow))
+    }
+
+    /// Calls `f(index in the columns, index in the input)` for every column entry that reads the input
+    /// (the others are padding). Rows are (kernel y, kernel x, channel); columns (batch, out y, out x).
+    fn each(&self, mut f: impl FnMut(usize, usize)) {
+        let (oh, ow) = self.out();
+        let (kh, kw) = self.kernel;
+        let n_cols = self.batch * oh * ow;
+        let (s, p) = (self.stride as isize, self.padding as isize);
+        for ky in 0..kh {
+            for kx in 0..kw {
+                for c in 0..self.channels {
+                    let row = ((ky * kw + kx) * self.channels + c) * n_cols;
+                    for b in 0..self.batch {
+                        let plane = (b * self.channels + c) * self.h * self.w;
+                        for oy in 0..oh {
+                            let iy = oy as isize * s + ky as isize - p;
+                            if iy < 0 || iy >= self.h as isize {
+                                continue;
+                            }
+                            let col = row + (b * oh + oy) * ow;
+                            let line = plane + iy as usize * self.w;
+                            for ox in 0..ow {
+                                let ix = ox as isize * s + kx as isize - p;
+                                if ix >= 0 && ix < self.w as isize {
+                                    f(col + ox, line + ix as usize);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The `[kh·kw·C, B·OH·OW]` column matrix of `x` (`[B, C, H, W]`, f32 on the CPU), differentiable.
+pub fn im2col(x: &Tensor, kernel: (usize, usize), stride: usize, padding: usize) -> Result<Tensor> {
+    let (batch, channels, h, w) = x.dims4()?;
+    if h + 2 * padding < kernel.0 || w + 2 * padding < kernel.1 || stride == 0 {
+        candle_core::bail!("im2col: a {kernel:?} kernel with padding {padding} and stride {stride} does not fit {h}×{w}")
+    }
+    x.contiguous()?.apply_op1(Im2col(Geometry { batch, channels, h, w, kernel, stride, padding }))
+}
+
+struct Im2col(Geometry);
+
+impl CustomOp1 for Im2col {
+    fn name(&self) -> &'static str {
+        "im2col"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(storage, layout)?;
+        let shape = self.0.cols_shape();
+        let mut cols = vec![0f32; shape.elem_count()];
+        self.0.each(|c, i| cols[c] = x[i]);
+        Ok((CpuStorage::F32(cols), shape))
+    }
+
+    fn bwd(&self, _x: &Tensor, _cols: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&Col2im(self.0))?))
+    }
+}
+
+/// The backward of [`Im2col`]: each column entry's gradient added to the input element it read.
+struct Col2im(Geometry);
+
+impl CustomOp1 for Col2im {
+    fn name(&self) -> &'static str {
+        "col2im"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = contiguous_f32(storage, layout)?;
+        let s = self.0;
+        let mut x = vec![0f32; s.batch * s.channels * s.h * s.w];
+        s.each(|c, i| x[i] += g[c]);
+        Ok((CpuStorage::F32(x), Shape::from((s.batch, s.channels, s.h, s.w))))
+    }
+}
