@@ -14,8 +14,10 @@ pub fn expand(x: &Tensor, shape: &Shape) -> Result<Tensor> {
     if x.shape() == shape {
         Ok(x.clone())
     } else if x.track_op() && x.device().is_cpu() && x.dtype() == DType::F32 {
-        // Checks that the shapes are compatible, with candle's error if they are not.
-        x.broadcast_as(shape)?;
+        // The shapes must be compatible (candle's error if they are not) without building a view to check.
+        if &x.shape().broadcast_shape_binary_op(shape, "expand")? != shape {
+            candle_core::bail!("expand: cannot broadcast {:?} to {:?}", x.dims(), shape.dims())
+        }
         x.contiguous()?.apply_op1(Expand { to: shape.clone() })
     } else {
         x.broadcast_as(shape)
