@@ -37,6 +37,9 @@ pub struct Args {
     decoder_steps: usize,
     #[arg(long, default_value_t = TrainOptions::default().decoder.batch)]
     decoder_batch: usize,
+    /// Largest noise, relative to the latents' RMS, the decoder learns to read latents through (0: none).
+    #[arg(long, default_value_t = TrainOptions::default().latent_noise)]
+    latent_noise: f64,
     #[arg(long, default_value_t = TrainOptions::default().denoiser.steps)]
     steps: usize,
     #[arg(long, default_value_t = TrainOptions::default().denoiser.batch)]
@@ -122,6 +125,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         decoder: Schedule { steps: args.decoder_steps, batch: args.decoder_batch, ..defaults.decoder },
         denoiser: Schedule { steps: args.steps, batch: args.batch, lr: args.lr },
         pool: args.pool,
+        latent_noise: args.latent_noise,
         device: args.device.clone(),
         ..defaults
     };
@@ -129,6 +133,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         opts.vae.batch > 0 && opts.decoder.batch > 0 && opts.denoiser.batch > 0 && opts.pool > 0,
         "--vae-batch, --decoder-batch, --batch and --pool must be positive"
     );
+    anyhow::ensure!(opts.latent_noise.is_finite() && opts.latent_noise >= 0.0, "--latent-noise must be zero or positive");
     let variants: Vec<Variant> = match args.variant {
         Which::Both => vec![Variant::Diffusion, Variant::Flow],
         Which::Diffusion => vec![Variant::Diffusion],
@@ -270,6 +275,7 @@ fn child_args(args: &Args, part: Part, vae_dir: &Path) -> Vec<OsString> {
             flag("decoder-of", vae_dir.into());
             flag("decoder-steps", args.decoder_steps.to_string().into());
             flag("decoder-batch", args.decoder_batch.to_string().into());
+            flag("latent-noise", args.latent_noise.to_string().into());
         }
     }
     flag("out", args.out.clone().into());
@@ -322,7 +328,7 @@ mod tests {
     #[test]
     fn child_processes_get_the_parents_settings() {
         let line = "train --out /tmp/m --seed 7 --tokenizer /tmp/tok --steps 9 --batch 3 --lr 0.002 --pool 5 \
-                    --decoder-steps 11 --decoder-batch 4 --vae-channels 8,8,16,16 --latent-channels 4 --unet-channels 16,32 --test-arch";
+                    --decoder-steps 11 --decoder-batch 4 --latent-noise 0.25 --vae-channels 8,8,16,16 --latent-channels 4 --unet-channels 16,32 --test-arch";
         let parent = parse(line.split(' ').map(OsString::from));
         let vae = Path::new("/tmp/m/.vae/vae");
         let same = |c: &Args| {
@@ -335,6 +341,6 @@ mod tests {
         assert!(flow.variant == Which::Flow && flow.vae_from.as_deref() == Some(Path::new("/tmp/m/fresco-tiny-flow")) && flow.decoder_of.is_none());
         let decoder = parse(child_args(&parent, Part::Decoder, vae));
         assert!(same(&decoder));
-        assert!(decoder.decoder_of.as_deref() == Some(vae) && (decoder.decoder_steps, decoder.decoder_batch) == (11, 4));
+        assert!(decoder.decoder_of.as_deref() == Some(vae) && (decoder.decoder_steps, decoder.decoder_batch, decoder.latent_noise) == (11, 4, 0.25));
     }
 }
