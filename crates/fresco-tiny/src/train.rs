@@ -66,7 +66,7 @@ impl Default for TrainOptions {
             arch: Arch::default(),
             vae: Schedule { steps: 6000, batch: 8, lr: 2e-3 },
             decoder: Schedule { steps: 16000, batch: 2, lr: 1e-3 },
-            denoiser: Schedule { steps: 8000, batch: 32, lr: 1e-3 },
+            denoiser: Schedule { steps: 12000, batch: 32, lr: 1e-3 },
             pool: 24576,
             uncond_fraction: 0.1,
             latent_noise: LATENT_NOISE,
@@ -268,6 +268,10 @@ pub const LATENT_NOISE: f64 = 0.4;
 
 /// `z` plus per-sample Gaussian noise of a level drawn from `[0, max)`, relative to the batch's RMS.
 fn perturb(z: &Tensor, max: f64, noise: &mut Rng) -> Result<Tensor> {
+    if max == 0.0 {
+        // Draws nothing, so `--latent-noise 0` repeats a run from before the noise bitwise.
+        return Ok(z.clone());
+    }
     let levels: Vec<f64> = (0..z.dim(0)?).map(|_| max * noise.f64()).collect();
     let rms = z.sqr()?.mean_all()?.sqrt()?;
     let eps = normal_tensor(noise, z.dims(), z.device())?.broadcast_mul(&per_sample(&levels, z.device())?)?;
