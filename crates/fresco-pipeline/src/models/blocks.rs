@@ -4,6 +4,7 @@ use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{conv2d, Conv2dConfig, RmsNorm, VarBuilder};
 
 use super::broadcast;
+use super::fused;
 use super::im2col::im2col;
 
 pub fn conv(in_c: usize, out_c: usize, kernel: usize, stride: usize, padding: usize, vb: VarBuilder) -> candle_core::Result<Conv2d> {
@@ -65,8 +66,7 @@ impl Module for Linear {
     }
 }
 
-/// GroupNorm as candle computes it (statistics in f32), with the learned per-channel scale and shift
-/// applied through [`broadcast`].
+/// GroupNorm with a learned per-channel scale and shift, statistics in f32 ([`fused::group_norm`]).
 pub struct GroupNorm {
     weight: Tensor,
     bias: Tensor,
@@ -88,22 +88,7 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> c
 
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let dims = x.dims();
-        if dims.len() < 3 || dims[1] != self.weight.dim(0)? {
-            candle_core::bail!("GroupNorm of {} channels applied to a {:?} tensor", self.weight.dim(0)?, dims)
-        }
-        let dtype = x.dtype();
-        let n = x.elem_count() / (dims[0] * self.groups);
-        let g = x.reshape((dims[0], self.groups, n))?.to_dtype(match dtype {
-            DType::F16 | DType::BF16 => DType::F32,
-            d => d,
-        })?;
-        let centered = g.broadcast_sub(&(g.sum_keepdim(2)? / n as f64)?)?;
-        let var = (centered.sqr()?.sum_keepdim(2)? / n as f64)?;
-        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dtype)?.reshape(dims)?;
-        let mut per_channel = vec![1; dims.len()];
-        per_channel[1] = dims[1];
-        broadcast::add(&broadcast::mul(&normed, &self.weight.reshape(per_channel.as_slice())?)?, &self.bias.reshape(per_channel)?)
+        fused::group_norm(x, &self.weight, &self.bias, self.groups, self.eps)
     }
 }
 
@@ -241,18 +226,10 @@ fn attention_in_blocks(q: &Tensor, k: &Tensor, v: &Tensor, max_elements: usize) 
     Tensor::cat(&blocks, 2)
 }
 
-/// Softmax over the last axis. candle's fused kernel records no backward op, so while a graph is being
-/// recorded (training: some input is a variable) the composed, differentiable form runs instead.
-pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
-    if x.track_op() {
-        candle_nn::ops::softmax(x, D::Minus1)
-    } else {
-        candle_nn::ops::softmax_last_dim(x)
-    }
-}
+pub use fused::softmax_last_dim;
 
-/// LayerNorm with learned scale and shift. Like [`softmax_last_dim`] it takes the fused kernel only when no
-/// gradient is wanted: candle's `ops::layer_norm` would silently leave the parameters untrained.
+/// LayerNorm with learned scale and shift ([`fused::layer_norm`]: candle's `ops::layer_norm` records no
+/// backward op and would silently leave the parameters untrained).
 pub struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
@@ -271,11 +248,7 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if x.track_op() || self.weight.track_op() {
-            broadcast::add(&broadcast::mul(&layer_norm_plain(x, self.eps)?, &self.weight)?, &self.bias)
-        } else {
-            candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)
-        }
+        fused::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 

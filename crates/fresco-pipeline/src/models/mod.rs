@@ -4,6 +4,7 @@ pub mod blocks;
 pub mod broadcast;
 pub mod clip;
 pub mod flux;
+mod fused;
 mod im2col;
 pub mod mmdit;
 pub mod t5;
