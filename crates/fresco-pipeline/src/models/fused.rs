@@ -11,9 +11,7 @@
 //! U-Net at 512×512: 21.2 s against 21.3 s), and its different rounding moved the one parity case that
 //! sits on a knife edge (`sd15-ddim-20`, DDIM clipping x₀ over 20 steps) from max |Δ| 3 to 4.
 
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use super::broadcast::contiguous_f32;
@@ -28,44 +26,21 @@ fn fused(xs: &[&Tensor]) -> bool {
 }
 
 /// GroupNorm of `x` (`[B, C, ...]`) with per-channel `weight` and `bias`, statistics in f32.
-pub fn group_norm(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
-    groups: usize,
-    eps: f64,
-) -> Result<Tensor> {
+pub fn group_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, groups: usize, eps: f64) -> Result<Tensor> {
     let dims = x.dims();
     let channels = weight.dim(0)?;
     if dims.len() < 3 || dims[1] != channels || groups == 0 || !channels.is_multiple_of(groups) {
-        candle_core::bail!(
-            "GroupNorm of {channels} channels in {groups} groups applied to a {dims:?} tensor"
-        )
+        candle_core::bail!("GroupNorm of {channels} channels in {groups} groups applied to a {dims:?} tensor")
     }
     let inner = dims[2..].iter().product();
     if fused(&[x, weight, bias]) {
-        return x.contiguous()?.apply_op3(
-            &weight.contiguous()?,
-            &bias.contiguous()?,
-            Norm {
-                groups,
-                channels,
-                inner,
-                eps,
-            },
-        );
+        return x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, Norm { groups, channels, inner, eps });
     }
     composed_group_norm(x, weight, bias, groups, eps)
 }
 
 /// [`group_norm`] from candle's ops.
-fn composed_group_norm(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
-    groups: usize,
-    eps: f64,
-) -> Result<Tensor> {
+fn composed_group_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, groups: usize, eps: f64) -> Result<Tensor> {
     let (dims, dtype) = (x.dims(), x.dtype());
     let n = x.elem_count() / (dims[0] * groups);
     let g = x.reshape((dims[0], groups, n))?.to_dtype(match dtype {
@@ -74,37 +49,20 @@ fn composed_group_norm(
     })?;
     let centered = g.broadcast_sub(&(g.sum_keepdim(2)? / n as f64)?)?;
     let var = (centered.sqr()?.sum_keepdim(2)? / n as f64)?;
-    let normed = centered
-        .broadcast_div(&(var + eps)?.sqrt()?)?
-        .to_dtype(dtype)?
-        .reshape(dims)?;
+    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)?.reshape(dims)?;
     let mut per_channel = vec![1; dims.len()];
     per_channel[1] = weight.dim(0)?;
-    normed
-        .broadcast_mul(&weight.reshape(per_channel.as_slice())?)?
-        .broadcast_add(&bias.reshape(per_channel)?)
+    normed.broadcast_mul(&weight.reshape(per_channel.as_slice())?)?.broadcast_add(&bias.reshape(per_channel)?)
 }
 
 /// LayerNorm over the last axis with learned `weight` and `bias`, differentiable in all three.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let channels = weight.dim(0)?;
     if x.dim(D::Minus1)? != channels {
-        candle_core::bail!(
-            "LayerNorm of {channels} features applied to a {:?} tensor",
-            x.dims()
-        )
+        candle_core::bail!("LayerNorm of {channels} features applied to a {:?} tensor", x.dims())
     }
     if fused(&[x, weight, bias]) {
-        return x.contiguous()?.apply_op3(
-            &weight.contiguous()?,
-            &bias.contiguous()?,
-            Norm {
-                groups: 1,
-                channels,
-                inner: 1,
-                eps,
-            },
-        );
+        return x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, Norm { groups: 1, channels, inner: 1, eps });
     }
     if !(x.track_op() || weight.track_op() || bias.track_op()) {
         // candle's fused kernel, which records no backward op.
@@ -115,9 +73,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 
 /// [`layer_norm`] from candle's ops.
 fn composed_layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    super::blocks::layer_norm_plain(x, eps)?
-        .broadcast_mul(weight)?
-        .broadcast_add(bias)
+    super::blocks::layer_norm_plain(x, eps)?.broadcast_mul(weight)?.broadcast_add(bias)
 }
 
 /// Softmax over the last axis, differentiable. Without a gradient to record it is candle's kernel, which
@@ -176,30 +132,19 @@ impl CustomOp3 for Norm {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, w, b) = (
-            contiguous_f32(xs, xl)?,
-            contiguous_f32(ws, wl)?,
-            contiguous_f32(bs, bl)?,
-        );
+        let (x, w, b) = (contiguous_f32(xs, xl)?, contiguous_f32(ws, wl)?, contiguous_f32(bs, bl)?);
         let n = self.row_len();
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(n)
-            .zip(x.par_chunks(n))
-            .enumerate()
-            .for_each(|(r, (y, x))| {
-                let (mean, rstd) = moments(x, self.eps);
-                let c0 = self.first_channel(r);
-                for (i, (y, x)) in y
-                    .chunks_mut(self.inner)
-                    .zip(x.chunks(self.inner))
-                    .enumerate()
-                {
-                    let (scale, shift) = (rstd * w[c0 + i], b[c0 + i] - mean * rstd * w[c0 + i]);
-                    for (y, &x) in y.iter_mut().zip(x) {
-                        *y = x * scale + shift;
-                    }
+        y.par_chunks_mut(n).zip(x.par_chunks(n)).enumerate().for_each(|(r, (y, x))| {
+            let (mean, rstd) = moments(x, self.eps);
+            let c0 = self.first_channel(r);
+            for (i, (y, x)) in y.chunks_mut(self.inner).zip(x.chunks(self.inner)).enumerate() {
+                let (scale, shift) = (rstd * w[c0 + i], b[c0 + i] - mean * rstd * w[c0 + i]);
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = x * scale + shift;
                 }
-            });
+            }
+        });
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
@@ -212,48 +157,31 @@ impl CustomOp3 for Norm {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // One kernel computes all three gradients into one buffer: `[dx…, dweight…, dbias…]`.
-        let all = x.apply_op3_no_bwd(w, &grad.contiguous()?, &NormBackward(*self))?;
+        let all = x.apply_op2_no_bwd(&grad.contiguous()?, &NormBackward { norm: *self, weight: w.to_vec1()? })?;
         let (e, c) = (x.elem_count(), self.channels);
-        Ok((
-            Some(all.narrow(0, 0, e)?.reshape(x.shape())?),
-            Some(all.narrow(0, e, c)?),
-            Some(all.narrow(0, e + c, c)?),
-        ))
+        Ok((Some(all.narrow(0, 0, e)?.reshape(x.shape())?), Some(all.narrow(0, e, c)?), Some(all.narrow(0, e + c, c)?)))
     }
 }
 
-struct NormBackward(Norm);
+/// The backward of [`Norm`] from its input and the output's gradient (the weight is a few hundred values).
+struct NormBackward {
+    norm: Norm,
+    weight: Vec<f32>,
+}
 
-impl CustomOp3 for NormBackward {
+impl CustomOp2 for NormBackward {
     fn name(&self) -> &'static str {
         "norm-backward"
     }
 
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-        gs: &CpuStorage,
-        gl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (x, w, g) = (
-            contiguous_f32(xs, xl)?,
-            contiguous_f32(ws, wl)?,
-            contiguous_f32(gs, gl)?,
-        );
-        let s = self.0;
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, w, g) = (contiguous_f32(xs, xl)?, &self.weight, contiguous_f32(gs, gl)?);
+        let s = self.norm;
         let (n, c, inner) = (s.row_len(), s.channels, s.inner);
         let mut out = vec![0f32; x.len() + 2 * c];
         let (dx, dwb) = out.split_at_mut(x.len());
         let (dw, db) = dwb.split_at_mut(c);
-        for (r, ((dx, x), g)) in dx
-            .chunks_mut(n)
-            .zip(x.chunks(n))
-            .zip(g.chunks(n))
-            .enumerate()
-        {
+        for (r, ((dx, x), g)) in dx.chunks_mut(n).zip(x.chunks(n)).zip(g.chunks(n)).enumerate() {
             let (mean, rstd) = moments(x, s.eps);
             let c0 = s.first_channel(r);
             // With x̂ the normalised input and ĝ = g·weight: dx = rstd · (ĝ − mean(ĝ) − x̂ · mean(ĝ x̂)).
@@ -271,11 +199,7 @@ impl CustomOp3 for NormBackward {
                 sum_gx += (row_gx * w[c0 + i]) as f64;
             }
             let (mean_g, mean_gx) = ((sum_g / n as f64) as f32, (sum_gx / n as f64) as f32);
-            for (i, (dx, (x, g))) in dx
-                .chunks_mut(inner)
-                .zip(x.chunks(inner).zip(g.chunks(inner)))
-                .enumerate()
-            {
+            for (i, (dx, (x, g))) in dx.chunks_mut(inner).zip(x.chunks(inner).zip(g.chunks(inner))).enumerate() {
                 let wc = w[c0 + i];
                 for (dx, (&x, &g)) in dx.iter_mut().zip(x.iter().zip(g)) {
                     let xh = (x - mean) * rstd;
@@ -312,9 +236,7 @@ impl CustomOp1 for Softmax {
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(
-            y.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBackward)?,
-        ))
+        Ok(Some(y.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBackward)?))
     }
 }
 
@@ -326,24 +248,16 @@ impl CustomOp2 for SoftmaxBackward {
         "softmax-backward"
     }
 
-    fn cpu_fwd(
-        &self,
-        ys: &CpuStorage,
-        yl: &Layout,
-        gs: &CpuStorage,
-        gl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, ys: &CpuStorage, yl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
         let (y, g) = (contiguous_f32(ys, yl)?, contiguous_f32(gs, gl)?);
         let n = yl.dims().last().copied().unwrap_or(1).max(1);
         let mut dx = vec![0f32; y.len()];
-        dx.par_chunks_mut(n)
-            .zip(y.par_chunks(n).zip(g.par_chunks(n)))
-            .for_each(|(dx, (y, g))| {
-                let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
-                for (dx, (&y, &g)) in dx.iter_mut().zip(y.iter().zip(g)) {
-                    *dx = y * (g - dot);
-                }
-            });
+        dx.par_chunks_mut(n).zip(y.par_chunks(n).zip(g.par_chunks(n))).for_each(|(dx, (y, g))| {
+            let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
+            for (dx, (&y, &g)) in dx.iter_mut().zip(y.iter().zip(g)) {
+                *dx = y * (g - dot);
+            }
+        });
         Ok((CpuStorage::F32(dx), yl.shape().clone()))
     }
 }
@@ -354,85 +268,40 @@ mod tests {
     use candle_core::{Device, Var};
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
     }
 
     /// `ours` and `reference`, functions of `vars`, agree in value and in every variable's gradient under
     /// a loss that weights each output differently (a plain sum's gradient would hide errors in dx).
     fn assert_same(what: &str, vars: &[Var], ours: Tensor, reference: Tensor, tolerance: f32) {
-        assert!(
-            max_diff(&ours, &reference) < tolerance,
-            "{what}: values differ by {}",
-            max_diff(&ours, &reference)
-        );
+        assert!(max_diff(&ours, &reference) < tolerance, "{what}: values differ by {}", max_diff(&ours, &reference));
         let probe = Tensor::randn(0f32, 1., ours.shape(), ours.device()).unwrap();
-        let g1 = (ours * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g2 = (reference * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g1 = (ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (reference * &probe).unwrap().sum_all().unwrap().backward().unwrap();
         for (i, var) in vars.iter().enumerate() {
-            let (a, b) = (
-                g1.get(var.as_tensor()).unwrap(),
-                g2.get(var.as_tensor()).unwrap(),
-            );
-            assert!(
-                max_diff(a, b) < 10.0 * tolerance,
-                "{what}, argument {i}: gradients differ by {}",
-                max_diff(a, b)
-            );
+            let (a, b) = (g1.get(var.as_tensor()).unwrap(), g2.get(var.as_tensor()).unwrap());
+            assert!(max_diff(a, b) < 10.0 * tolerance, "{what}, argument {i}: gradients differ by {}", max_diff(a, b));
         }
     }
 
     fn vars(dims: &[&[usize]]) -> Vec<Var> {
-        dims.iter()
-            .map(|d| Var::randn(0.5f32, 1.5, d.to_vec(), &Device::Cpu).unwrap())
-            .collect()
+        dims.iter().map(|d| Var::randn(0.5f32, 1.5, d.to_vec(), &Device::Cpu).unwrap()).collect()
     }
 
     #[test]
     fn norms_match_candles_ops_forward_and_backward() {
-        for (shape, groups) in [
-            (vec![2, 6, 5, 3], 3),
-            (vec![3, 4, 7], 1),
-            (vec![1, 8, 4, 4], 8),
-        ] {
+        for (shape, groups) in [(vec![2, 6, 5, 3], 3), (vec![3, 4, 7], 1), (vec![1, 8, 4, 4], 8)] {
             let c = shape[1];
             let v = vars(&[&shape, &[c], &[c]]);
             let t: Vec<&Tensor> = v.iter().map(|v| v.as_tensor()).collect();
             let ours = group_norm(t[0], t[1], t[2], groups, 1e-5).unwrap();
             let reference = composed_group_norm(t[0], t[1], t[2], groups, 1e-5).unwrap();
-            assert_same(
-                &format!("GroupNorm {shape:?} / {groups}"),
-                &v,
-                ours,
-                reference,
-                1e-4,
-            );
+            assert_same(&format!("GroupNorm {shape:?} / {groups}"), &v, ours, reference, 1e-4);
         }
         // LayerNorm over the last axis of a `[B, T, D]` tensor.
         let v = vars(&[&[2, 3, 10], &[10], &[10]]);
         let t: Vec<&Tensor> = v.iter().map(|v| v.as_tensor()).collect();
-        let (ours, reference) = (
-            layer_norm(t[0], t[1], t[2], 1e-5).unwrap(),
-            composed_layer_norm(t[0], t[1], t[2], 1e-5).unwrap(),
-        );
+        let (ours, reference) = (layer_norm(t[0], t[1], t[2], 1e-5).unwrap(), composed_layer_norm(t[0], t[1], t[2], 1e-5).unwrap());
         assert_same("LayerNorm", &v, ours, reference, 1e-4);
     }
 
@@ -449,13 +318,7 @@ mod tests {
         let dev = Device::Cpu;
         let x = Tensor::zeros((2, 6, 4), DType::F32, &dev).unwrap();
         let w = Tensor::ones(6, DType::F32, &dev).unwrap();
-        assert!(
-            group_norm(&x, &w, &w, 4, 1e-5).is_err(),
-            "6 channels do not split into 4 groups"
-        );
-        assert!(
-            layer_norm(&x, &w, &w, 1e-5).is_err(),
-            "the last axis has 4 features, not 6"
-        );
+        assert!(group_norm(&x, &w, &w, 4, 1e-5).is_err(), "6 channels do not split into 4 groups");
+        assert!(layer_norm(&x, &w, &w, 1e-5).is_err(), "the last axis has 4 features, not 6");
     }
 }
