@@ -16,13 +16,12 @@ use rayon::prelude::*;
 
 use super::broadcast::contiguous_f32;
 
-fn cpu_f32(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32
+fn recording(xs: &[&Tensor]) -> bool {
+    xs.iter().any(|x| x.track_op())
 }
 
-/// Whether the fused training kernels apply: a gradient is recorded, everything is f32 on the CPU.
-fn fused(xs: &[&Tensor]) -> bool {
-    xs.iter().any(|x| x.track_op()) && xs.iter().all(|x| cpu_f32(x))
+fn cpu_f32(xs: &[&Tensor]) -> bool {
+    xs.iter().all(|x| x.device().is_cpu() && x.dtype() == DType::F32)
 }
 
 /// GroupNorm of `x` (`[B, C, ...]`) with per-channel `weight` and `bias`, statistics in f32.
@@ -33,7 +32,8 @@ pub fn group_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, groups: usize, eps
         candle_core::bail!("GroupNorm of {channels} channels in {groups} groups applied to a {dims:?} tensor")
     }
     let inner = dims[2..].iter().product();
-    if fused(&[x, weight, bias]) {
+    let args = [x, weight, bias];
+    if recording(&args) && cpu_f32(&args) {
         return x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, Norm { groups, channels, inner, eps });
     }
     composed_group_norm(x, weight, bias, groups, eps)
@@ -61,14 +61,15 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     if x.dim(D::Minus1)? != channels {
         candle_core::bail!("LayerNorm of {channels} features applied to a {:?} tensor", x.dims())
     }
-    if fused(&[x, weight, bias]) {
-        return x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, Norm { groups: 1, channels, inner: 1, eps });
+    let args = [x, weight, bias];
+    if !recording(&args) {
+        // candle's kernel, which records no backward op.
+        candle_nn::ops::layer_norm(&x.contiguous()?, weight, bias, eps as f32)
+    } else if cpu_f32(&args) {
+        x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, Norm { groups: 1, channels, inner: 1, eps })
+    } else {
+        composed_layer_norm(x, weight, bias, eps)
     }
-    if !(x.track_op() || weight.track_op() || bias.track_op()) {
-        // candle's fused kernel, which records no backward op.
-        return candle_nn::ops::layer_norm(&x.contiguous()?, weight, bias, eps as f32);
-    }
-    composed_layer_norm(x, weight, bias, eps)
 }
 
 /// [`layer_norm`] from candle's ops.
@@ -81,7 +82,7 @@ fn composed_layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> 
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if !x.track_op() {
         candle_nn::ops::softmax_last_dim(x)
-    } else if fused(&[x]) {
+    } else if cpu_f32(&[x]) {
         x.contiguous()?.apply_op1(Softmax)
     } else {
         candle_nn::ops::softmax(x, D::Minus1)
