@@ -6,9 +6,9 @@ use std::time::Instant;
 
 use fresco_pipeline::{DeviceSpec, GeneratedImage, Pipeline, Request};
 
-use crate::analyze::check;
+use crate::analyze::{check, Verdict};
 use crate::error::Result;
-use crate::grammar::Prompt;
+use crate::grammar::{Prompt, Shape};
 use crate::render::{sample_scene, Image, SIDE};
 use crate::rng::Rng;
 
@@ -36,12 +36,37 @@ pub struct Row {
     pub model: String,
     pub steps: usize,
     pub default_steps: bool,
+    pub adherence: Adherence,
+    pub seconds_per_image: f64,
+}
+
+/// How many of a set of images adhere to their prompts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Adherence {
     /// Fraction of one-object prompts whose image adheres.
     pub one: f64,
+    /// The same split by the prompt's shape, in [`Shape::ALL`]'s order: tells a model that draws one
+    /// shape for every word from one that draws all three a little wrong.
+    pub one_by_shape: [f64; 3],
     pub two: f64,
     /// Fraction of adherent images whose objects also have the right size.
     pub sizes: f64,
-    pub seconds_per_image: f64,
+}
+
+impl Adherence {
+    pub fn of(prompts: &[Prompt], verdicts: &[Verdict]) -> Self {
+        let rate = |keep: &dyn Fn(&Prompt) -> bool| {
+            let v: Vec<_> = prompts.iter().zip(verdicts).filter(|(p, _)| keep(p)).collect();
+            v.iter().filter(|(_, v)| v.adherent).count() as f64 / v.len().max(1) as f64
+        };
+        let adherent: Vec<_> = verdicts.iter().filter(|v| v.adherent).collect();
+        Self {
+            one: rate(&|p| p.objects.len() == 1),
+            one_by_shape: Shape::ALL.map(|s| rate(&|p| p.objects.len() == 1 && p.objects[0].shape == s)),
+            two: rate(&|p| p.objects.len() == 2),
+            sizes: adherent.iter().filter(|v| v.sizes_right).count() as f64 / adherent.len().max(1) as f64,
+        }
+    }
 }
 
 /// The held-out prompts an evaluation uses: `n` of each kind, the same for every model.
@@ -84,13 +109,8 @@ pub fn evaluate(model: &Path, opts: &EvalOptions, keep: usize) -> Result<(Vec<Ro
         }
         let secs = started.elapsed().as_secs_f64() / prompts.len().max(1) as f64;
         let verdicts: Vec<_> = prompts.iter().zip(&images).map(|(p, img)| check(p, img)).collect();
-        let rate = |objects: usize| {
-            let v: Vec<_> = prompts.iter().zip(&verdicts).filter(|(p, _)| p.objects.len() == objects).collect();
-            v.iter().filter(|(_, v)| v.adherent).count() as f64 / v.len().max(1) as f64
-        };
-        let adherent: Vec<_> = verdicts.iter().filter(|v| v.adherent).collect();
-        let sizes = adherent.iter().filter(|v| v.sizes_right).count() as f64 / adherent.len().max(1) as f64;
-        rows.push(Row { model: name.clone(), steps: s, default_steps: s == default, one: rate(1), two: rate(2), sizes, seconds_per_image: secs });
+        let adherence = Adherence::of(&prompts, &verdicts);
+        rows.push(Row { model: name.clone(), steps: s, default_steps: s == default, adherence, seconds_per_image: secs });
         samples.push(images.into_iter().take(keep).collect());
     }
     Ok((rows, samples))
@@ -98,16 +118,21 @@ pub fn evaluate(model: &Path, opts: &EvalOptions, keep: usize) -> Result<(Vec<Ro
 
 /// The table as printed and as put in notes.
 pub fn table(rows: &[Row]) -> String {
-    let mut s = String::from("| model | steps | 1 object | 2 objects | sizes right | s/image |\n|---|---:|---:|---:|---:|---:|\n");
+    let mut s = String::from(
+        "| model | steps | 1 object | (circle / square / triangle) | 2 objects | sizes right | s/image |\n|---|---:|---:|---:|---:|---:|---:|\n",
+    );
     for r in rows {
         let steps = if r.default_steps { format!("**{}** (default)", r.steps) } else { r.steps.to_string() };
         s.push_str(&format!(
-            "| {} | {} | {:.1}% | {:.1}% | {:.1}% | {:.4} |\n",
+            "| {} | {} | {:.1}% | {:.0} / {:.0} / {:.0}% | {:.1}% | {:.1}% | {:.4} |\n",
             r.model,
             steps,
-            100.0 * r.one,
-            100.0 * r.two,
-            100.0 * r.sizes,
+            100.0 * r.adherence.one,
+            100.0 * r.adherence.one_by_shape[0],
+            100.0 * r.adherence.one_by_shape[1],
+            100.0 * r.adherence.one_by_shape[2],
+            100.0 * r.adherence.two,
+            100.0 * r.adherence.sizes,
             r.seconds_per_image
         ));
     }
@@ -135,6 +160,7 @@ pub fn grid(rows: &[Vec<Image>]) -> Option<GeneratedImage> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::grammar::{Color, Count, Object, Size};
 
     #[test]
     fn held_out_prompts_are_fixed_and_never_trained_on() {
@@ -143,6 +169,24 @@ mod tests {
         assert_eq!(a.len(), 40);
         assert!(a.iter().all(Prompt::is_held_out));
         assert_eq!(a.iter().filter(|p| p.objects.len() == 2).count(), 20);
+    }
+
+    #[test]
+    fn adherence_is_split_by_kind_and_by_shape() {
+        let object = |count, color, shape| Object { count, size: Size::Default, color, shape, position: None };
+        let prompt = |objects| Prompt { objects, background: None };
+        let prompts = [
+            prompt(vec![object(Count::A, Color::Red, Shape::Circle)]),
+            prompt(vec![object(Count::A, Color::Blue, Shape::Square)]),
+            prompt(vec![object(Count::Two, Color::Green, Shape::Square)]),
+            prompt(vec![object(Count::A, Color::Red, Shape::Triangle), object(Count::A, Color::Blue, Shape::Circle)]),
+        ];
+        let verdict = |adherent: bool, sizes_right: bool| Verdict { adherent, sizes_right, problem: None };
+        let a = Adherence::of(&prompts, &[verdict(true, true), verdict(false, false), verdict(true, false), verdict(true, true)]);
+        assert_eq!(a.one, 2.0 / 3.0);
+        assert_eq!(a.one_by_shape, [1.0, 0.5, 0.0], "circle 1 of 1, square 1 of 2, no triangle prompt");
+        assert_eq!(a.two, 1.0);
+        assert_eq!(a.sizes, 2.0 / 3.0);
     }
 
     #[test]

@@ -78,7 +78,7 @@ fn trained_models_load_and_sample_through_the_pipeline() {
         let opts = EvalOptions { prompts: 2, steps: vec![1, 2], batch: 3, ..Default::default() };
         let (rows, samples) = eval::evaluate(&dir, &opts, 2).expect("evaluate");
         assert_eq!(rows.iter().map(|r| (r.steps, r.default_steps)).collect::<Vec<_>>(), [(1, false), (2, false), (3, true)]);
-        assert!(rows.iter().all(|r| (0.0..=1.0).contains(&r.one) && (0.0..=1.0).contains(&r.two) && r.seconds_per_image > 0.0));
+        assert!(rows.iter().all(|r| (0.0..=1.0).contains(&r.adherence.one) && (0.0..=1.0).contains(&r.adherence.two) && r.seconds_per_image > 0.0));
         assert!(samples.iter().all(|s| s.len() == 2));
         assert_eq!(eval::table(&rows).lines().count(), 5);
     }
