@@ -113,7 +113,8 @@ fn chaos_loses_nothing_and_duplicates_nothing() {
     let prompts = tmp.path().join("prompts.txt");
     let colors = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"];
     let shapes = ["circle", "square", "triangle"];
-    std::fs::write(&prompts, (0..PROMPTS).map(|i| format!("a {} {} number {i}\n", colors[i % 8], shapes[i % 3])).collect::<String>()).unwrap();
+    std::fs::write(&prompts, (0..PROMPTS).map(|i| format!("a {} {} number {i}\n", colors[i % 8], shapes[i % 3])).collect::<String>())
+        .unwrap();
     let models = models_dir(tmp.path());
 
     // The undisturbed run: the same job through `fresco run` (same worker code, same batches).
@@ -122,7 +123,19 @@ fn chaos_loses_nothing_and_duplicates_nothing() {
     let r = Command::new(fresco_bin())
         .args(["run", prompts.to_str().unwrap(), "--model"])
         .arg(models.join("tiny-sd15"))
-        .args(["--out", reference_dir.to_str().unwrap(), "--steps", STEPS, "--guidance", "0", "--seed", "42", "--batch-size", "8", "--quiet"])
+        .args([
+            "--out",
+            reference_dir.to_str().unwrap(),
+            "--steps",
+            STEPS,
+            "--guidance",
+            "0",
+            "--seed",
+            "42",
+            "--batch-size",
+            "8",
+            "--quiet",
+        ])
         .output()
         .unwrap();
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
@@ -136,7 +149,18 @@ fn chaos_loses_nothing_and_duplicates_nothing() {
     let mut workers: Vec<Proc> = (0..3).map(|i| start_worker(i, &coordinators, &s3, &models, &logs)).collect();
 
     let submit = Command::new(fresco_bin())
-        .args(["submit", prompts.to_str().unwrap(), "--model", "tiny-sd15", "--output", &s3.url("chaos"), "--steps", STEPS, "--guidance", "0"])
+        .args([
+            "submit",
+            prompts.to_str().unwrap(),
+            "--model",
+            "tiny-sd15",
+            "--output",
+            &s3.url("chaos"),
+            "--steps",
+            STEPS,
+            "--guidance",
+            "0",
+        ])
         .args(["--seed", "42", "--batch-size", "8", "--coordinator", &coordinators.url(0)])
         .output()
         .unwrap();
@@ -224,7 +248,10 @@ fn chaos_loses_nothing_and_duplicates_nothing() {
     let max_lost = db("SELECT COALESCE(max(lost), 0)::BIGINT FROM tasks");
     assert!(max_failures < MAX_ATTEMPTS && max_lost < MAX_LOST, "attempts exceeded: failures {max_failures}, lost {max_lost}");
     let worst = seen.lock().unwrap().worst_overdue_secs;
-    println!("worst lease overdue while the database was up: {worst:.2} s (limit {:.1} s); max failures {max_failures}, max lost {max_lost}", 2.0 * SWEEP_SECS);
+    println!(
+        "worst lease overdue while the database was up: {worst:.2} s (limit {:.1} s); max failures {max_failures}, max lost {max_lost}",
+        2.0 * SWEEP_SECS
+    );
     assert!(worst <= 2.0 * SWEEP_SECS + 0.3, "a lease stayed past its expiry for {worst:.2} s");
 
     let objects = s3.objects("chaos", &job);

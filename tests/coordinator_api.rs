@@ -22,7 +22,11 @@ fn with_token<T>(msg: T, token: Option<&str>) -> tonic::Request<T> {
 
 fn header(model: &str) -> v1::SubmitJobRequest {
     v1::SubmitJobRequest {
-        kind: Some(v1::submit_job_request::Kind::Header(v1::SubmitJobHeader { model: model.into(), output_url: "s3://b/p".into(), ..Default::default() })),
+        kind: Some(v1::submit_job_request::Kind::Header(v1::SubmitJobHeader {
+            model: model.into(),
+            output_url: "s3://b/p".into(),
+            ..Default::default()
+        })),
     }
 }
 
@@ -60,8 +64,33 @@ fn tokens_roles_and_bad_input() {
             (vec![header("tiny-sd15"), chunk(&["ok", "   "])], "prompts[1].prompt"),
             (vec![header("bad model!"), chunk(&["ok"])], "model"),
             (vec![chunk(&["ok"])], "header"),
-            (vec![v1::SubmitJobRequest { kind: Some(v1::submit_job_request::Kind::Header(v1::SubmitJobHeader { model: "m".into(), output_url: "ftp://x/y".into(), ..Default::default() })) }, chunk(&["ok"])], "output_url"),
-            (vec![v1::SubmitJobRequest { kind: Some(v1::submit_job_request::Kind::Header(v1::SubmitJobHeader { model: "m".into(), output_url: "s3://b".into(), params: Some(v1::GenerationParams { steps: Some(0), ..Default::default() }), ..Default::default() })) }, chunk(&["ok"])], "params.steps"),
+            (
+                vec![
+                    v1::SubmitJobRequest {
+                        kind: Some(v1::submit_job_request::Kind::Header(v1::SubmitJobHeader {
+                            model: "m".into(),
+                            output_url: "ftp://x/y".into(),
+                            ..Default::default()
+                        })),
+                    },
+                    chunk(&["ok"]),
+                ],
+                "output_url",
+            ),
+            (
+                vec![
+                    v1::SubmitJobRequest {
+                        kind: Some(v1::submit_job_request::Kind::Header(v1::SubmitJobHeader {
+                            model: "m".into(),
+                            output_url: "s3://b".into(),
+                            params: Some(v1::GenerationParams { steps: Some(0), ..Default::default() }),
+                            ..Default::default()
+                        })),
+                    },
+                    chunk(&["ok"]),
+                ],
+                "params.steps",
+            ),
         ];
         for (msgs, field) in cases {
             let err = jobs.submit_job(submit(msgs)).await.unwrap_err();

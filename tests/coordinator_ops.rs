@@ -32,7 +32,10 @@ fn health_reflection_and_metrics() {
         let r = health.check(tonic_health::pb::HealthCheckRequest { service: "fresco.v1.JobService".into() }).await.unwrap().into_inner();
         assert_eq!(r.status(), tonic_health::pb::health_check_response::ServingStatus::Serving);
 
-        use tonic_reflection::pb::v1::{server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest, server_reflection_response::MessageResponse, ServerReflectionRequest};
+        use tonic_reflection::pb::v1::{
+            server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
+            server_reflection_response::MessageResponse, ServerReflectionRequest,
+        };
         let mut refl = ServerReflectionClient::new(channel);
         let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
         let mut stream = refl.server_reflection_info(futures::stream::iter(vec![req])).await.unwrap().into_inner();
@@ -85,7 +88,13 @@ fn pki() -> Pki {
     let server = CertificateParams::new(vec!["localhost".to_string()]).unwrap().signed_by(&server_key, &issuer).unwrap();
     let client_key = KeyPair::generate().unwrap();
     let client = CertificateParams::new(vec!["fresco-client".to_string()]).unwrap().signed_by(&client_key, &issuer).unwrap();
-    Pki { ca: ca.pem(), server_cert: server.pem(), server_key: server_key.serialize_pem(), client_cert: client.pem(), client_key: client_key.serialize_pem() }
+    Pki {
+        ca: ca.pem(),
+        server_cert: server.pem(),
+        server_key: server_key.serialize_pem(),
+        client_cert: client.pem(),
+        client_key: client_key.serialize_pem(),
+    }
 }
 
 #[test]
@@ -101,7 +110,19 @@ fn tls_with_client_certificates() {
     let db = Database::create();
     let port = free_port();
     let mut cmd = Command::new(fresco_bin());
-    cmd.args(["coordinator", "--listen", &format!("127.0.0.1:{port}"), "--database-url", &db.url, "--tls-cert", &cert, "--tls-key", &key, "--tls-client-ca", &ca]);
+    cmd.args([
+        "coordinator",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--database-url",
+        &db.url,
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--tls-client-ca",
+        &ca,
+    ]);
     let _coordinator = Proc::spawn("coordinator-tls", cmd, tmp.path());
     wait_for_port(port, Duration::from_secs(30));
 

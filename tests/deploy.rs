@@ -62,7 +62,8 @@ fn render(dir: &Path) -> Vec<Value> {
     }
     if let Some(images) = k["images"].as_sequence() {
         for img in images {
-            let (name, new) = (img["name"].as_str().unwrap(), format!("{}:{}", img["newName"].as_str().unwrap(), img["newTag"].as_str().unwrap()));
+            let (name, new) =
+                (img["name"].as_str().unwrap(), format!("{}:{}", img["newName"].as_str().unwrap(), img["newTag"].as_str().unwrap()));
             for o in &mut objects {
                 for c in containers_mut(o) {
                     if c["image"].as_str() == Some(name) || c["image"].as_str().is_some_and(|i| i.split(':').next() == Some(name)) {
@@ -75,7 +76,10 @@ fn render(dir: &Path) -> Vec<Value> {
     if let Some(patches) = k["patches"].as_sequence() {
         for p in patches {
             let (kind, name) = (p["target"]["kind"].as_str().unwrap(), p["target"]["name"].as_str().unwrap());
-            let target = objects.iter_mut().find(|o| o["kind"] == kind && o["metadata"]["name"] == name).unwrap_or_else(|| panic!("patch target {kind}/{name} not found"));
+            let target = objects
+                .iter_mut()
+                .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+                .unwrap_or_else(|| panic!("patch target {kind}/{name} not found"));
             let ops: Vec<Value> = serde_yaml::from_str(p["patch"].as_str().unwrap()).unwrap();
             for op in ops {
                 assert_eq!(op["op"], "replace", "only replace patches are rendered here");
@@ -100,7 +104,11 @@ fn render(dir: &Path) -> Vec<Value> {
 }
 
 fn containers_mut(o: &mut Value) -> Vec<&mut Value> {
-    let spec = if o["kind"] == "Job" || o["kind"] == "Deployment" { o.get_mut("spec").and_then(|s| s.get_mut("template")).and_then(|t| t.get_mut("spec")) } else { None };
+    let spec = if o["kind"] == "Job" || o["kind"] == "Deployment" {
+        o.get_mut("spec").and_then(|s| s.get_mut("template")).and_then(|t| t.get_mut("spec"))
+    } else {
+        None
+    };
     match spec.and_then(|s| s.get_mut("containers")).and_then(Value::as_sequence_mut) {
         Some(c) => c.iter_mut().collect(),
         None => Vec::new(),
@@ -160,7 +168,8 @@ fn every_manifest_parses_and_kubernetes_objects_are_named() {
             }
         }
     }
-    let dash: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(deploy().join("grafana/fresco-dashboard.json")).unwrap()).unwrap();
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(deploy().join("grafana/fresco-dashboard.json")).unwrap()).unwrap();
     assert!(dash["panels"].as_array().unwrap().len() >= 6);
 }
 
@@ -179,11 +188,19 @@ fn overlays_render_a_consistent_deployment() {
             }
         }
         check_container(s(coordinator, &["spec", "template", "spec", "containers", "0"]), "coordinator");
-        assert!(find(&objects, "Job", "fresco-migrate")["spec"]["template"]["spec"]["containers"][0]["command"].as_sequence().unwrap().iter().any(|c| c == "migrate"));
+        assert!(find(&objects, "Job", "fresco-migrate")["spec"]["template"]["spec"]["containers"][0]["command"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|c| c == "migrate"));
         let worker = find(&objects, "Deployment", "fresco-worker");
         let wc = s(worker, &["spec", "template", "spec", "containers", "0"]);
         check_container(wc, "worker");
-        assert!(wc["lifecycle"]["preStop"]["exec"]["command"].as_sequence().unwrap().iter().any(|c| c.as_str().unwrap().contains("kill -TERM")));
+        assert!(wc["lifecycle"]["preStop"]["exec"]["command"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|c| c.as_str().unwrap().contains("kill -TERM")));
         assert!(worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"].as_u64().unwrap() >= 300);
         let gpu = !wc["resources"]["limits"]["nvidia.com/gpu"].is_null();
         assert_eq!(gpu, overlay == "gpu", "{overlay}: GPU request");
@@ -194,7 +211,8 @@ fn overlays_render_a_consistent_deployment() {
         assert_eq!(scaled["spec"]["scaleTargetRef"]["name"], "fresco-worker");
         assert!(scaled["spec"]["triggers"][0]["metadata"]["query"].as_str().unwrap().contains("fresco_queue_depth_prompts"));
         // Secrets the pods read exist with those keys.
-        let secrets: BTreeMap<String, &Value> = objects.iter().filter(|o| o["kind"] == "Secret").map(|o| (o["metadata"]["name"].as_str().unwrap().to_string(), o)).collect();
+        let secrets: BTreeMap<String, &Value> =
+            objects.iter().filter(|o| o["kind"] == "Secret").map(|o| (o["metadata"]["name"].as_str().unwrap().to_string(), o)).collect();
         let mut refs = Vec::new();
         collect_secret_refs(&Value::Sequence(objects.clone()), &mut refs);
         assert!(refs.len() >= 3, "{refs:?}");

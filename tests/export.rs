@@ -25,7 +25,8 @@ fn exports_read_back_with_pyarrow_and_webdataset() {
     };
     export("parquet", &manifest_dir, &[]);
     export("webdataset", &wds_dir, &["--shard-size", "2"]);
-    let mut shards: Vec<String> = std::fs::read_dir(&wds_dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let mut shards: Vec<String> =
+        std::fs::read_dir(&wds_dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     shards.sort();
     assert_eq!(shards, ["00000.parquet", "00000.tar", "00001.parquet", "00001.tar", "00002.parquet", "00002.tar"]);
     let check = Command::new("python3")

@@ -59,7 +59,16 @@ fn generate_rejects_bad_input_with_the_parameter_named() {
         (vec!["--format", "gif"], "format"),
         (vec!["--device", "tpu"], "device"),
     ] {
-        let r = Command::new(fresco_bin()).arg("generate").arg("--model").arg(&model).args(["--prompt", "x"]).args(&args).arg("--out-dir").arg(out.path()).output().unwrap();
+        let r = Command::new(fresco_bin())
+            .arg("generate")
+            .arg("--model")
+            .arg(&model)
+            .args(["--prompt", "x"])
+            .args(&args)
+            .arg("--out-dir")
+            .arg(out.path())
+            .output()
+            .unwrap();
         assert!(!r.status.success());
         let err = String::from_utf8_lossy(&r.stderr);
         assert!(err.contains(want), "{args:?}: {err}");

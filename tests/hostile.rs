@@ -34,15 +34,31 @@ impl Rng {
 }
 
 fn header(model: String, output: String, params: v1::GenerationParams) -> v1::SubmitJobRequest {
-    v1::SubmitJobRequest { kind: Some(v1::submit_job_request::Kind::Header(v1::SubmitJobHeader { model, output_url: output, params: Some(params), ..Default::default() })) }
+    v1::SubmitJobRequest {
+        kind: Some(v1::submit_job_request::Kind::Header(v1::SubmitJobHeader {
+            model,
+            output_url: output,
+            params: Some(params),
+            ..Default::default()
+        })),
+    }
 }
 
 fn chunk(prompts: Vec<String>) -> v1::SubmitJobRequest {
-    v1::SubmitJobRequest { kind: Some(v1::submit_job_request::Kind::Chunk(v1::PromptChunk { prompts: prompts.into_iter().map(|text| v1::Prompt { text, overrides: None }).collect() })) }
+    v1::SubmitJobRequest {
+        kind: Some(v1::submit_job_request::Kind::Chunk(v1::PromptChunk {
+            prompts: prompts.into_iter().map(|text| v1::Prompt { text, overrides: None }).collect(),
+        })),
+    }
 }
 
 /// One hostile request; returns (what it was, the code it got, the code it should get).
-async fn one(i: u64, rng: &mut Rng, jobs: &mut JobServiceClient<Channel>, workers: &mut WorkerServiceClient<Channel>) -> (String, Code, Code) {
+async fn one(
+    i: u64,
+    rng: &mut Rng,
+    jobs: &mut JobServiceClient<Channel>,
+    workers: &mut WorkerServiceClient<Channel>,
+) -> (String, Code, Code) {
     let ok_header = || header("tiny-sd15".into(), "s3://b/p".into(), v1::GenerationParams::default());
     let code = |r: Result<tonic::Code, tonic::Status>| match r {
         Ok(c) => c,
@@ -59,23 +75,32 @@ async fn one(i: u64, rng: &mut Rng, jobs: &mut JobServiceClient<Channel>, worker
         }
         2 => {
             let model = format!("{} {}", rng.junk(10), "!");
-            let r = jobs.submit_job(futures::stream::iter(vec![header(model, "s3://b/p".into(), Default::default()), chunk(vec!["a".into()])])).await;
+            let r = jobs
+                .submit_job(futures::stream::iter(vec![header(model, "s3://b/p".into(), Default::default()), chunk(vec!["a".into()])]))
+                .await;
             ("SubmitJob(bad model)".into(), code(r.map(|_| Code::Ok)), Code::InvalidArgument)
         }
         3 => {
             let url = format!("{}://{}", ["ftp", "", "http", "s3"][rng.below(4) as usize], if rng.below(2) == 0 { "" } else { "/x" });
-            let r = jobs.submit_job(futures::stream::iter(vec![header("m".into(), url.clone(), Default::default()), chunk(vec!["a".into()])])).await;
+            let r = jobs
+                .submit_job(futures::stream::iter(vec![header("m".into(), url.clone(), Default::default()), chunk(vec!["a".into()])]))
+                .await;
             (format!("SubmitJob(output {url:?})"), code(r.map(|_| Code::Ok)), Code::InvalidArgument)
         }
         4 => {
             let p = match rng.below(5) {
                 0 => v1::GenerationParams { steps: Some([0, 1001, u32::MAX][rng.below(3) as usize]), ..Default::default() },
                 1 => v1::GenerationParams { width: Some([0, 13, 4104, u32::MAX][rng.below(4) as usize]), ..Default::default() },
-                2 => v1::GenerationParams { guidance: Some([f32::NAN, -1.0, 1e9, f32::INFINITY][rng.below(4) as usize]), ..Default::default() },
+                2 => v1::GenerationParams {
+                    guidance: Some([f32::NAN, -1.0, 1e9, f32::INFINITY][rng.below(4) as usize]),
+                    ..Default::default()
+                },
                 3 => v1::GenerationParams { scheduler: Some(rng.junk(12) + "x"), ..Default::default() },
                 _ => v1::GenerationParams { format: "gif".into(), ..Default::default() },
             };
-            let r = jobs.submit_job(futures::stream::iter(vec![header("m".into(), "s3://b/p".into(), p.clone()), chunk(vec!["a".into()])])).await;
+            let r = jobs
+                .submit_job(futures::stream::iter(vec![header("m".into(), "s3://b/p".into(), p.clone()), chunk(vec!["a".into()])]))
+                .await;
             (format!("SubmitJob({p:?})"), code(r.map(|_| Code::Ok)), Code::InvalidArgument)
         }
         5 => {
@@ -89,11 +114,18 @@ async fn one(i: u64, rng: &mut Rng, jobs: &mut JobServiceClient<Channel>, worker
             ("SubmitJob(no header)".into(), code(r.map(|_| Code::Ok)), Code::InvalidArgument)
         }
         7 => {
-            let r = jobs.list_jobs(v1::ListJobsRequest { state: 50 + rng.below(1000) as i32, page_size: 0, page_token: String::new() }).await;
+            let r =
+                jobs.list_jobs(v1::ListJobsRequest { state: 50 + rng.below(1000) as i32, page_size: 0, page_token: String::new() }).await;
             ("ListJobs(bad state)".into(), code(r.map(|_| Code::Ok)), Code::InvalidArgument)
         }
         8 => {
-            let r = jobs.list_outputs(v1::ListOutputsRequest { job_id: uuid::Uuid::new_v4().to_string(), page_size: rng.below(100_000) as u32, page_token: "x".repeat(rng.below(20) as usize + 1) }).await;
+            let r = jobs
+                .list_outputs(v1::ListOutputsRequest {
+                    job_id: uuid::Uuid::new_v4().to_string(),
+                    page_size: rng.below(100_000) as u32,
+                    page_token: "x".repeat(rng.below(20) as usize + 1),
+                })
+                .await;
             ("ListOutputs(bad page token)".into(), code(r.map(|_| Code::Ok)), Code::InvalidArgument)
         }
         9 => {
@@ -101,7 +133,9 @@ async fn one(i: u64, rng: &mut Rng, jobs: &mut JobServiceClient<Channel>, worker
             ("Lease(no models)".into(), code(r.map(|_| Code::Ok)), Code::InvalidArgument)
         }
         10 => {
-            let r = workers.lease(v1::LeaseRequest { worker: "w".into(), models: vec![format!("../{}", rng.junk(5))], ..Default::default() }).await;
+            let r = workers
+                .lease(v1::LeaseRequest { worker: "w".into(), models: vec![format!("../{}", rng.junk(5))], ..Default::default() })
+                .await;
             ("Lease(bad model name)".into(), code(r.map(|_| Code::Ok)), Code::InvalidArgument)
         }
         11 => {
@@ -110,12 +144,34 @@ async fn one(i: u64, rng: &mut Rng, jobs: &mut JobServiceClient<Channel>, worker
             ("Heartbeat(bad token)".into(), code(r.map(|_| Code::Ok)), Code::InvalidArgument)
         }
         12 => {
-            let result = v1::PromptResult { index: 0, object_key: "k".into(), url: "u".into(), sha256: rng.junk(64), bytes: 1, metadata_json: "{".into() };
-            let r = workers.complete(v1::CompleteRequest { worker: "w".into(), task_id: rng.next() as i64, lease_token: uuid::Uuid::new_v4().to_string(), results: vec![result] }).await;
+            let result = v1::PromptResult {
+                index: 0,
+                object_key: "k".into(),
+                url: "u".into(),
+                sha256: rng.junk(64),
+                bytes: 1,
+                metadata_json: "{".into(),
+            };
+            let r = workers
+                .complete(v1::CompleteRequest {
+                    worker: "w".into(),
+                    task_id: rng.next() as i64,
+                    lease_token: uuid::Uuid::new_v4().to_string(),
+                    results: vec![result],
+                })
+                .await;
             ("Complete(malformed result)".into(), code(r.map(|_| Code::Ok)), Code::InvalidArgument)
         }
         _ => {
-            let r = workers.fail(v1::FailRequest { worker: "w".into(), task_id: rng.next() as i64, lease_token: uuid::Uuid::new_v4().to_string(), message: rng.junk(10_000), retryable: true }).await;
+            let r = workers
+                .fail(v1::FailRequest {
+                    worker: "w".into(),
+                    task_id: rng.next() as i64,
+                    lease_token: uuid::Uuid::new_v4().to_string(),
+                    message: rng.junk(10_000),
+                    retryable: true,
+                })
+                .await;
             ("Fail(unknown task)".into(), code(r.map(|_| Code::Ok)), Code::NotFound)
         }
     }

@@ -23,7 +23,8 @@ fn fresco_run_makes_every_image_once_and_resumes() {
     let jobs: Vec<_> = std::fs::read_dir(&out).unwrap().flatten().filter(|e| e.path().is_dir()).collect();
     assert_eq!(jobs.len(), 1);
     let job_dir = jobs[0].path();
-    let mut names: Vec<String> = std::fs::read_dir(&job_dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> =
+        std::fs::read_dir(&job_dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     names.sort();
     assert_eq!(names, ["00000000.json", "00000000.png", "00000001.json", "00000001.png", "00000002.json", "00000002.png"]);
     let sidecar: serde_json::Value = serde_json::from_slice(&std::fs::read(job_dir.join("00000001.json")).unwrap()).unwrap();
@@ -73,7 +74,8 @@ fn fresco_run_uses_the_bundled_model_by_default() {
     let jobs: Vec<_> = std::fs::read_dir(&out).unwrap().flatten().filter(|e| e.path().is_dir()).collect();
     assert_eq!(jobs.len(), 1);
     for (i, prompt) in prompts.lines().enumerate() {
-        let sidecar: serde_json::Value = serde_json::from_slice(&std::fs::read(jobs[0].path().join(format!("{i:08}.json"))).unwrap()).unwrap();
+        let sidecar: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(jobs[0].path().join(format!("{i:08}.json"))).unwrap()).unwrap();
         assert_eq!(sidecar["model"], "fresco-tiny");
         assert_eq!(sidecar["prompt"], prompt);
         assert_eq!((sidecar["width"].as_u64(), sidecar["height"].as_u64()), (Some(64), Some(64)));

@@ -158,7 +158,8 @@ impl S3 {
     pub fn restart(&mut self, logs: &Path) {
         let bin = std::env::var("FRESCO_S3S_FS").unwrap_or_else(|_| "s3s-fs".into());
         let mut cmd = Command::new(bin);
-        cmd.args(["--host", "127.0.0.1", "--port", &self.port.to_string(), "--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY]).arg(&self.root);
+        cmd.args(["--host", "127.0.0.1", "--port", &self.port.to_string(), "--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+            .arg(&self.root);
         self.proc = Some(Proc::spawn("s3s-fs", cmd, logs));
         wait_for_port(self.port, Duration::from_secs(20));
     }
@@ -225,7 +226,8 @@ impl Cluster {
         std::fs::create_dir_all(&logs).unwrap();
         let db = Database::create();
         let s3 = S3::start(&tmp.path().join("s3"), &logs);
-        let mut c = Self { tmp, db, s3, port: free_port(), coordinator: None, extra_args: extra_args.iter().map(|s| s.to_string()).collect() };
+        let mut c =
+            Self { tmp, db, s3, port: free_port(), coordinator: None, extra_args: extra_args.iter().map(|s| s.to_string()).collect() };
         c.start_coordinator();
         c
     }

@@ -25,19 +25,31 @@ async fn main() -> anyhow::Result<()> {
     let opts: sqlx::postgres::PgConnectOptions = url.parse()?;
     let admin = sqlx::PgPool::connect_with(opts.clone()).await?;
     sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&admin).await?;
-    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(32).connect_with(opts.options([("search_path", schema.as_str())])).await?;
+    let pool =
+        sqlx::postgres::PgPoolOptions::new().max_connections(32).connect_with(opts.options([("search_path", schema.as_str())])).await?;
     let store = PgStore::from_pool(pool, QueuePolicy::default());
     store.migrate().await?;
     let store: Arc<dyn JobStore> = Arc::new(store);
 
     let BeginJob::New(mut ingest) = store
-        .begin_job(NewJob { model: "load".into(), params: Default::default(), output_url: "s3://load/out".into(), batch_size: 8, priority: 0, seed: 1, client_request_id: None, max_attempts: 3 })
+        .begin_job(NewJob {
+            model: "load".into(),
+            params: Default::default(),
+            output_url: "s3://load/out".into(),
+            batch_size: 8,
+            priority: 0,
+            seed: 1,
+            client_request_id: None,
+            max_attempts: 3,
+        })
         .await?
     else {
         anyhow::bail!("unexpected existing job")
     };
     for start in (0..800_000).step_by(10_000) {
-        ingest.append((start..start + 10_000).map(|i| NewPrompt { prompt: format!("prompt {i}"), overrides: Default::default() }).collect()).await?;
+        ingest
+            .append((start..start + 10_000).map(|i| NewPrompt { prompt: format!("prompt {i}"), overrides: Default::default() }).collect())
+            .await?;
     }
     ingest.commit().await?;
 
@@ -54,21 +66,42 @@ async fn main() -> anyhow::Result<()> {
         handles.push(tokio::spawn(async move {
             let mut client = WorkerServiceClient::connect(url).await?;
             let name = format!("load-{w}");
-            client.register(v1::RegisterRequest { name: name.clone(), models: vec!["load".into()], device: "none".into(), max_batch: 8 }).await?;
+            client
+                .register(v1::RegisterRequest { name: name.clone(), models: vec!["load".into()], device: "none".into(), max_batch: 8 })
+                .await?;
             let mut latencies = Vec::new();
             let mut prompts = 0u64;
             while Instant::now() < deadline {
                 let t = Instant::now();
-                let task = client.lease(v1::LeaseRequest { worker: name.clone(), models: vec!["load".into()], loaded_model: "load".into(), max_batch: 8, wait_ms: 0 }).await?.into_inner().task;
+                let task = client
+                    .lease(v1::LeaseRequest {
+                        worker: name.clone(),
+                        models: vec!["load".into()],
+                        loaded_model: "load".into(),
+                        max_batch: 8,
+                        wait_ms: 0,
+                    })
+                    .await?
+                    .into_inner()
+                    .task;
                 latencies.push(t.elapsed());
                 let Some(task) = task else { break };
                 let results = task
                     .prompts
                     .iter()
-                    .map(|p| v1::PromptResult { index: p.index, object_key: p.image_key.clone(), url: String::new(), sha256: "0".repeat(64), bytes: 1, metadata_json: "{}".into() })
+                    .map(|p| v1::PromptResult {
+                        index: p.index,
+                        object_key: p.image_key.clone(),
+                        url: String::new(),
+                        sha256: "0".repeat(64),
+                        bytes: 1,
+                        metadata_json: "{}".into(),
+                    })
                     .collect();
                 prompts += task.prompts.len() as u64;
-                client.complete(v1::CompleteRequest { worker: name.clone(), task_id: task.task_id, lease_token: task.lease_token, results }).await?;
+                client
+                    .complete(v1::CompleteRequest { worker: name.clone(), task_id: task.task_id, lease_token: task.lease_token, results })
+                    .await?;
             }
             anyhow::Ok((latencies, prompts))
         }));
@@ -83,7 +116,12 @@ async fn main() -> anyhow::Result<()> {
     let secs = started.elapsed().as_secs_f64();
     latencies.sort();
     let pct = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q) as usize].as_secs_f64() * 1000.0;
-    println!("{workers} workers over gRPC for {secs:.1}s: {} leases ({:.0}/s), {prompts} prompts completed ({:.0}/s)", latencies.len(), latencies.len() as f64 / secs, prompts as f64 / secs);
+    println!(
+        "{workers} workers over gRPC for {secs:.1}s: {} leases ({:.0}/s), {prompts} prompts completed ({:.0}/s)",
+        latencies.len(),
+        latencies.len() as f64 / secs,
+        prompts as f64 / secs
+    );
     println!("Lease latency: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms", pct(0.5), pct(0.99), pct(1.0));
     stop.cancel();
     server.await??;

@@ -30,7 +30,10 @@ async fn enqueue(store: &dyn JobStore, prompts: usize, batch: u32) -> anyhow::Re
     let BeginJob::New(mut ingest) = store.begin_job(job(batch)).await? else { anyhow::bail!("unexpected existing job") };
     for start in (0..prompts).step_by(10_000) {
         let chunk = (start..(start + 10_000).min(prompts))
-            .map(|i| NewPrompt { prompt: format!("a photograph of object number {i} on a table, studio light"), overrides: ParamOverrides::default() })
+            .map(|i| NewPrompt {
+                prompt: format!("a photograph of object number {i} on a table, studio light"),
+                overrides: ParamOverrides::default(),
+            })
             .collect();
         ingest.append(chunk).await?;
     }
@@ -45,7 +48,13 @@ async fn drain(store: Arc<dyn JobStore>, workers: usize, window: Duration) -> an
     for w in 0..workers {
         let store = store.clone();
         handles.push(tokio::spawn(async move {
-            let req = LeaseRequest { worker: format!("bench-{w}"), models: vec!["bench".into()], loaded_model: Some("bench".into()), max_batch: 8, ttl: Duration::from_secs(60) };
+            let req = LeaseRequest {
+                worker: format!("bench-{w}"),
+                models: vec!["bench".into()],
+                loaded_model: Some("bench".into()),
+                max_batch: 8,
+                ttl: Duration::from_secs(60),
+            };
             let (mut tasks, mut prompts) = (0u64, 0u64);
             while Instant::now() < deadline {
                 let Some(t) = store.lease(&req).await? else { break };
@@ -83,7 +92,8 @@ async fn pg_store(schema: &str, connections: u32) -> anyhow::Result<Arc<dyn JobS
     let opts: sqlx::postgres::PgConnectOptions = url.parse()?;
     let admin = sqlx::PgPool::connect_with(opts.clone()).await?;
     sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&admin).await?;
-    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(connections).connect_with(opts.options([("search_path", schema)])).await?;
+    let pool =
+        sqlx::postgres::PgPoolOptions::new().max_connections(connections).connect_with(opts.options([("search_path", schema)])).await?;
     let store = PgStore::from_pool(pool, QueuePolicy::default());
     store.migrate().await?;
     Ok(Arc::new(store))
@@ -113,7 +123,11 @@ async fn main() -> anyhow::Result<()> {
     };
 
     let secs = enqueue(&*store, prompts, 8).await?;
-    println!("enqueue: {prompts} prompts in {secs:.2}s = {} prompts/s (batch 8 → {} tasks)", rate(prompts as f64, secs).trim(), prompts / 8);
+    println!(
+        "enqueue: {prompts} prompts in {secs:.2}s = {} prompts/s (batch 8 → {} tasks)",
+        rate(prompts as f64, secs).trim(),
+        prompts / 8
+    );
 
     if std::env::var("FRESCO_BENCH_KEEP").is_ok() {
         println!("kept schema {schema}");
@@ -122,7 +136,11 @@ async fn main() -> anyhow::Result<()> {
     println!("{:>8} {:>10} {:>10} {:>8}", "workers", "tasks/s", "prompts/s", "seconds");
     for workers in [1usize, 16, 64] {
         let (tasks, done, secs) = drain(store.clone(), workers, Duration::from_secs(10)).await?;
-        println!("{workers:>8} {} {} {secs:>8.2}   ({tasks} tasks of 8 prompts, lease + complete each)", rate(tasks as f64, secs), rate(done as f64, secs));
+        println!(
+            "{workers:>8} {} {} {secs:>8.2}   ({tasks} tasks of 8 prompts, lease + complete each)",
+            rate(tasks as f64, secs),
+            rate(done as f64, secs)
+        );
     }
     drop(store);
     if sqlite {

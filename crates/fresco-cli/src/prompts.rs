@@ -127,7 +127,8 @@ pub fn parse_jsonl(text: &str) -> ParseResult {
 
 pub fn parse_csv(text: &str) -> ParseResult {
     let mut reader = csv::ReaderBuilder::new().flexible(false).from_reader(text.as_bytes());
-    let headers: Vec<String> = reader.headers().map_err(|e| (1, format!("invalid CSV header: {e}")))?.iter().map(|h| h.trim().to_string()).collect();
+    let headers: Vec<String> =
+        reader.headers().map_err(|e| (1, format!("invalid CSV header: {e}")))?.iter().map(|h| h.trim().to_string()).collect();
     if !headers.iter().any(|h| h == "prompt") {
         return Err((1, "no \"prompt\" column".into()));
     }
@@ -237,8 +238,8 @@ mod tests {
 
     #[test]
     fn parquet_reads_typed_columns_and_reports_rows() {
-        use std::sync::Arc;
         use arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray};
+        use std::sync::Arc;
         let dir = tempfile::tempdir().unwrap();
         let write = |name: &str, prompts: Vec<Option<&str>>, steps: Vec<Option<i64>>| {
             let path = dir.path().join(name);

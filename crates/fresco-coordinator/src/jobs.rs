@@ -60,7 +60,13 @@ pub fn job_to_proto(j: JobSummary, waiting_for_worker: bool) -> v1::Job {
     let elapsed = j.started_at.map(|s| (j.finished_at.unwrap_or_else(Utc::now) - s).num_milliseconds().max(1) as f64 / 1000.0);
     let rate = elapsed.map(|e| c.succeeded as f64 / e).unwrap_or(0.0);
     let remaining = c.pending + c.running;
-    let eta_seconds = if j.state.is_terminal() { Some(0.0) } else if rate > 0.0 { Some(remaining as f64 / rate) } else { None };
+    let eta_seconds = if j.state.is_terminal() {
+        Some(0.0)
+    } else if rate > 0.0 {
+        Some(remaining as f64 / rate)
+    } else {
+        None
+    };
     v1::Job {
         id: j.id.to_string(),
         model: j.model,
@@ -72,7 +78,13 @@ pub fn job_to_proto(j: JobSummary, waiting_for_worker: bool) -> v1::Job {
         seed: j.seed,
         client_request_id: j.client_request_id.unwrap_or_default(),
         total: j.total,
-        counts: Some(v1::Counts { pending: c.pending, running: c.running, succeeded: c.succeeded, failed: c.failed, cancelled: c.cancelled }),
+        counts: Some(v1::Counts {
+            pending: c.pending,
+            running: c.running,
+            succeeded: c.succeeded,
+            failed: c.failed,
+            cancelled: c.cancelled,
+        }),
         progress,
         images_per_second: rate,
         eta_seconds,
@@ -131,9 +143,13 @@ impl JobService for JobServiceImpl {
                     _ => return Err(Status::invalid_argument("chunk: only prompt chunks may follow the header")),
                 };
                 if ingest.appended() + chunk.prompts.len() as u64 > self.c.config.max_prompts_per_job {
-                    return Err(Status::invalid_argument(format!("prompts: a job holds at most {} prompts", self.c.config.max_prompts_per_job)));
+                    return Err(Status::invalid_argument(format!(
+                        "prompts: a job holds at most {} prompts",
+                        self.c.config.max_prompts_per_job
+                    )));
                 }
-                let prompts = chunk.prompts.into_iter().map(|p| NewPrompt { prompt: p.text, overrides: overrides_from_proto(p.overrides) }).collect();
+                let prompts =
+                    chunk.prompts.into_iter().map(|p| NewPrompt { prompt: p.text, overrides: overrides_from_proto(p.overrides) }).collect();
                 ingest.append(prompts).await.map_err(status_from_store)?;
             }
             Ok(())
@@ -162,10 +178,16 @@ impl JobService for JobServiceImpl {
         self.tokens.check(&req, Role::Client)?;
         let r = req.into_inner();
         let state = v1::JobState::try_from(r.state).map_err(|_| Status::invalid_argument(format!("state: unknown value {}", r.state)))?;
-        let before = if r.page_token.is_empty() { None } else { Some(r.page_token.parse().map_err(|_| Status::invalid_argument("page_token: malformed"))?) };
+        let before = if r.page_token.is_empty() {
+            None
+        } else {
+            Some(r.page_token.parse().map_err(|_| Status::invalid_argument("page_token: malformed"))?)
+        };
         let limit = if r.page_size == 0 { 50 } else { r.page_size.min(1000) };
-        let jobs = self.c.store.list_jobs(&JobFilter { state: job_state_from_proto(state), before, limit }).await.map_err(status_from_store)?;
-        let next_page_token = if jobs.len() == limit as usize { jobs.last().map(|j| j.id.to_string()).unwrap_or_default() } else { String::new() };
+        let jobs =
+            self.c.store.list_jobs(&JobFilter { state: job_state_from_proto(state), before, limit }).await.map_err(status_from_store)?;
+        let next_page_token =
+            if jobs.len() == limit as usize { jobs.last().map(|j| j.id.to_string()).unwrap_or_default() } else { String::new() };
         Ok(Response::new(v1::ListJobsResponse { jobs: self.to_protos(jobs).await?, next_page_token }))
     }
 
@@ -190,7 +212,9 @@ impl JobService for JobServiceImpl {
                     Err(e) => Err(status_from_store(e)),
                 };
                 let done = match &item {
-                    Ok(j) => v1::JobState::try_from(j.state).map(|s| matches!(s, v1::JobState::Succeeded | v1::JobState::Failed | v1::JobState::Cancelled)).unwrap_or(true),
+                    Ok(j) => v1::JobState::try_from(j.state)
+                        .map(|s| matches!(s, v1::JobState::Succeeded | v1::JobState::Failed | v1::JobState::Cancelled))
+                        .unwrap_or(true),
                     Err(_) => true,
                 };
                 if !done {
@@ -223,12 +247,17 @@ impl JobService for JobServiceImpl {
         self.tokens.check(&req, Role::Client)?;
         let r = req.into_inner();
         let id = parse_job_id(&r.job_id)?;
-        let after = if r.page_token.is_empty() { None } else { Some(r.page_token.parse::<u64>().map_err(|_| Status::invalid_argument("page_token: malformed"))?) };
+        let after = if r.page_token.is_empty() {
+            None
+        } else {
+            Some(r.page_token.parse::<u64>().map_err(|_| Status::invalid_argument("page_token: malformed"))?)
+        };
         let limit = if r.page_size == 0 { 1000 } else { r.page_size.min(10_000) };
         // Distinguish "no outputs yet" from "no such job".
         self.c.store.get_job(id).await.map_err(status_from_store)?;
         let rows = self.c.store.list_outputs(id, after, limit).await.map_err(status_from_store)?;
-        let next_page_token = if rows.len() == limit as usize { rows.last().map(|o| o.index.to_string()).unwrap_or_default() } else { String::new() };
+        let next_page_token =
+            if rows.len() == limit as usize { rows.last().map(|o| o.index.to_string()).unwrap_or_default() } else { String::new() };
         let outputs = rows
             .into_iter()
             .map(|o| v1::Output {

@@ -2,8 +2,7 @@
 //! lease expirations, live workers and per-job progress. Gauges that mirror the database are refreshed on
 //! each scrape, so every coordinator replica reports the same queue.
 
-
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGaugeVec, GaugeVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
 use crate::Coordinator;
 
@@ -48,9 +47,12 @@ impl Metrics {
         let r = Registry::new();
         let live_workers = IntGauge::new("fresco_live_workers", "Workers seen within the liveness window").expect("valid metric");
         r.register(Box::new(live_workers.clone())).expect("unique metric");
-        let job_progress = GaugeVec::new(Opts::new("fresco_job_progress", "Fraction of an active job's prompts that ended"), &["job_id", "model"]).expect("valid metric");
+        let job_progress =
+            GaugeVec::new(Opts::new("fresco_job_progress", "Fraction of an active job's prompts that ended"), &["job_id", "model"])
+                .expect("valid metric");
         r.register(Box::new(job_progress.clone())).expect("unique metric");
-        let failures = IntCounterVec::new(Opts::new("fresco_task_failures_total", "Task failures reported by workers"), &["retryable"]).expect("valid metric");
+        let failures = IntCounterVec::new(Opts::new("fresco_task_failures_total", "Task failures reported by workers"), &["retryable"])
+            .expect("valid metric");
         r.register(Box::new(failures.clone())).expect("unique metric");
         Self {
             queue_tasks: gauge_vec(&r, "fresco_queue_depth_tasks", "Pending tasks (batches) per model", &["model"]),
@@ -60,7 +62,11 @@ impl Metrics {
             completed_tasks: counter(&r, "fresco_completed_tasks_total", "Tasks completed (this replica)"),
             completed_prompts: counter(&r, "fresco_completed_prompts_total", "Images completed (this replica)"),
             leases: counter(&r, "fresco_leases_total", "Tasks leased (this replica)"),
-            lease_expirations: counter(&r, "fresco_lease_expirations_total", "Leases that expired and were requeued (this replica's sweeps)"),
+            lease_expirations: counter(
+                &r,
+                "fresco_lease_expirations_total",
+                "Leases that expired and were requeued (this replica's sweeps)",
+            ),
             quarantined: counter(&r, "fresco_quarantined_tasks_total", "Tasks failed after losing too many leases"),
             submitted_prompts: counter(&r, "fresco_submitted_prompts_total", "Prompts accepted (this replica)"),
             live_workers,
@@ -111,4 +117,3 @@ impl Metrics {
         Ok(())
     }
 }
-

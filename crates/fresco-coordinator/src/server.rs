@@ -42,7 +42,12 @@ pub enum ServeError {
 }
 
 /// Serves the gRPC API on `listener` until `shutdown` fires.
-pub async fn serve_grpc(c: Arc<Coordinator>, listener: TcpListener, opts: ServeOptions, shutdown: CancellationToken) -> Result<(), ServeError> {
+pub async fn serve_grpc(
+    c: Arc<Coordinator>,
+    listener: TcpListener,
+    opts: ServeOptions,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
     let addr = listener.local_addr()?;
     if opts.tokens.is_empty() && !addr.ip().is_loopback() {
         return Err(ServeError::NoTokens(addr));

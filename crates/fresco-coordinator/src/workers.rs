@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use fresco_core::{validate_model_name, ImageFormat, LeaseToken, ObjectKeys, TaskId};
 use fresco_proto::params_to_proto;
-use fresco_proto::v1::worker_service_server::WorkerService;
 use fresco_proto::v1;
-use fresco_store::{Failure, FailOutcome, LeaseRequest, LeaseStatus, LeasedTask, NewOutput, WorkerInfo};
+use fresco_proto::v1::worker_service_server::WorkerService;
+use fresco_store::{FailOutcome, Failure, LeaseRequest, LeaseStatus, LeasedTask, NewOutput, WorkerInfo};
 use tonic::{Request, Response, Status};
 
 use crate::auth::{Role, Tokens};
@@ -83,7 +83,13 @@ impl WorkerService for WorkerServiceImpl {
         let r = req.into_inner();
         worker_name(&r.name)?;
         models(&r.models)?;
-        let info = WorkerInfo { name: r.name.clone(), models: r.models, device: r.device.chars().take(100).collect(), max_batch: r.max_batch.max(1), loaded_model: None };
+        let info = WorkerInfo {
+            name: r.name.clone(),
+            models: r.models,
+            device: r.device.chars().take(100).collect(),
+            max_batch: r.max_batch.max(1),
+            loaded_model: None,
+        };
         self.c.store.register_worker(&info).await.map_err(status_from_store)?;
         tracing::info!(worker = %r.name, models = ?info.models, device = %info.device, "worker registered");
         Ok(Response::new(v1::RegisterResponse {
@@ -157,7 +163,15 @@ impl WorkerService for WorkerServiceImpl {
                 if p.sha256.len() != 64 || !p.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
                     return Err(Status::invalid_argument(format!("results[{}].sha256: expected 64 hex digits", p.index)));
                 }
-                Ok(NewOutput { index: p.index, object_key: p.object_key, url: p.url, sha256: p.sha256, bytes: p.bytes, worker: r.worker.clone(), metadata })
+                Ok(NewOutput {
+                    index: p.index,
+                    object_key: p.object_key,
+                    url: p.url,
+                    sha256: p.sha256,
+                    bytes: p.bytes,
+                    worker: r.worker.clone(),
+                    metadata,
+                })
             })
             .collect::<Result<Vec<_>, Status>>()?;
         self.c.store.complete(TaskId(r.task_id), lease, outputs).await.map_err(status_from_store)?;

@@ -66,10 +66,7 @@ pub struct ObjectKeys {
 
 impl ObjectKeys {
     pub fn new(job: JobId, index: u64, format: ImageFormat) -> Self {
-        Self {
-            image: format!("{job}/{index:08}.{}", format.extension()),
-            sidecar: format!("{job}/{index:08}.json"),
-        }
+        Self { image: format!("{job}/{index:08}.{}", format.extension()), sidecar: format!("{job}/{index:08}.json") }
     }
 }
 

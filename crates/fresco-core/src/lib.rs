@@ -13,6 +13,9 @@ pub mod state;
 
 pub use ids::{JobId, LeaseToken, TaskId};
 pub use keys::{ImageFormat, ObjectKeys};
-pub use params::{validate_model_name, validate_output_url, validate_prompt, GenerationParams, ParamOverrides, ValidationError, MAX_PROMPT_CHARS, SCHEDULERS};
+pub use params::{
+    validate_model_name, validate_output_url, validate_prompt, GenerationParams, ParamOverrides, ValidationError, MAX_PROMPT_CHARS,
+    SCHEDULERS,
+};
 pub use seed::derive_seed;
 pub use state::{JobState, TaskState, TransitionError};

@@ -12,8 +12,7 @@ pub const MAX_STEPS: u32 = 1000;
 pub const MAX_SIDE: u32 = 4096;
 pub const MAX_GUIDANCE: f32 = 100.0;
 /// Scheduler names accepted on input; `None` means the model's own scheduler.
-pub const SCHEDULERS: [&str; 8] =
-    ["ddim", "pndm", "euler", "euler-ancestral", "dpmpp-2m", "dpmpp-2m-karras", "lcm", "flow-euler"];
+pub const SCHEDULERS: [&str; 8] = ["ddim", "pndm", "euler", "euler-ancestral", "dpmpp-2m", "dpmpp-2m-karras", "lcm", "flow-euler"];
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{field}: {message}")]
@@ -130,19 +129,13 @@ fn validate_numbers(
     }
     if let Some(g) = guidance {
         if !g.is_finite() || !(0.0..=MAX_GUIDANCE).contains(&g) {
-            return Err(ValidationError::new(
-                format!("{prefix}guidance"),
-                format!("must be a number in 0..={MAX_GUIDANCE}, got {g}"),
-            ));
+            return Err(ValidationError::new(format!("{prefix}guidance"), format!("must be a number in 0..={MAX_GUIDANCE}, got {g}")));
         }
     }
     for (name, v) in [("width", width), ("height", height)] {
         if let Some(v) = v {
             if v == 0 || v > MAX_SIDE || v % 8 != 0 {
-                return Err(ValidationError::new(
-                    format!("{prefix}{name}"),
-                    format!("must be a multiple of 8 in 8..={MAX_SIDE}, got {v}"),
-                ));
+                return Err(ValidationError::new(format!("{prefix}{name}"), format!("must be a multiple of 8 in 8..={MAX_SIDE}, got {v}")));
             }
         }
     }

@@ -121,10 +121,7 @@ macro_rules! text_enum {
         impl FromStr for $t {
             type Err = String;
             fn from_str(s: &str) -> Result<Self, Self::Err> {
-                Self::ALL
-                    .into_iter()
-                    .find(|v| v.as_str() == s)
-                    .ok_or_else(|| format!("unknown {} {s:?}", stringify!($t)))
+                Self::ALL.into_iter().find(|v| v.as_str() == s).ok_or_else(|| format!("unknown {} {s:?}", stringify!($t)))
             }
         }
     };

@@ -41,7 +41,15 @@ impl PipelineError {
     /// files), so a worker reports the failure as permanent instead of burning retries. Tensor errors
     /// (e.g. device out of memory) and I/O may pass on another attempt or another worker.
     pub fn is_permanent(&self) -> bool {
-        matches!(self, Self::Config { .. } | Self::Weights { .. } | Self::Tokenizer { .. } | Self::Unsupported(_) | Self::InvalidParam { .. } | Self::Encode(_))
+        matches!(
+            self,
+            Self::Config { .. }
+                | Self::Weights { .. }
+                | Self::Tokenizer { .. }
+                | Self::Unsupported(_)
+                | Self::InvalidParam { .. }
+                | Self::Encode(_)
+        )
     }
 }
 

@@ -59,10 +59,7 @@ impl ModelDir {
     pub fn component(&self, name: &str) -> Result<PathBuf> {
         let dir = self.root.join(name);
         if self.component_class(name).is_none() {
-            return Err(PipelineError::config(
-                &self.root.join("model_index.json"),
-                format!("no component {name:?} declared"),
-            ));
+            return Err(PipelineError::config(&self.root.join("model_index.json"), format!("no component {name:?} declared")));
         }
         if !dir.is_dir() {
             return Err(PipelineError::config(&dir, "component folder is missing"));
@@ -85,7 +82,9 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     names.sort();
     // Sharded weights: the index maps every tensor to its shard.
     for variant in ["", ".fp16"] {
-        let index = names.iter().find(|n| n.ends_with(&format!("{variant}.safetensors.index.json")) && (variant.is_empty() != n.contains(".fp16.")));
+        let index = names
+            .iter()
+            .find(|n| n.ends_with(&format!("{variant}.safetensors.index.json")) && (variant.is_empty() != n.contains(".fp16.")));
         if let Some(index) = index {
             let path = dir.join(index);
             let json: Value = read_json(&path)?;
@@ -130,15 +129,18 @@ impl Weights {
         // SAFETY: the memory map is read-only and model files are not rewritten while a worker serves
         // them; this is the loading path candle itself recommends for large checkpoints.
         #[allow(unsafe_code)]
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }
-            .map_err(|e| PipelineError::weights(&files[0], e))?;
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }.map_err(|e| PipelineError::weights(&files[0], e))?;
         Ok(Self { vb, files })
     }
 
     /// Names the component's weight file when a tensor is missing or has the wrong shape.
     pub fn context<T>(&self, r: candle_core::Result<T>) -> Result<T> {
         r.map_err(|e| {
-            let path = if self.files.len() == 1 { self.files[0].clone() } else { self.files[0].parent().map(Path::to_path_buf).unwrap_or_default() };
+            let path = if self.files.len() == 1 {
+                self.files[0].clone()
+            } else {
+                self.files[0].parent().map(Path::to_path_buf).unwrap_or_default()
+            };
             PipelineError::weights(&path, format!("does not match its config: {e}"))
         })
     }
@@ -282,7 +284,10 @@ fn check_safetensors_header(path: &Path) -> Result<()> {
             continue;
         }
         let offsets = entry.get("data_offsets").and_then(Value::as_array);
-        let stop = offsets.and_then(|o| o.get(1)).and_then(Value::as_u64).ok_or_else(|| corrupt(format!("tensor {name:?} has no data_offsets")))?;
+        let stop = offsets
+            .and_then(|o| o.get(1))
+            .and_then(Value::as_u64)
+            .ok_or_else(|| corrupt(format!("tensor {name:?} has no data_offsets")))?;
         end = end.max(stop);
     }
     if 8 + header_len + end > size {

@@ -55,7 +55,10 @@ impl DeviceSpec {
         match self {
             Self::Cpu => Ok(Device::Cpu),
             Self::Cuda(n) => Device::new_cuda(*n).map_err(|e| {
-                PipelineError::param("device", format!("cuda:{n} is not available ({e}); build with --features cuda on a machine with a GPU"))
+                PipelineError::param(
+                    "device",
+                    format!("cuda:{n} is not available ({e}); build with --features cuda on a machine with a GPU"),
+                )
             }),
         }
     }
@@ -235,8 +238,12 @@ impl Pipeline {
                 let unet = UNet::load(&dir.component("unet")?, dtype, &device)?;
                 let unet_config = dir.component("unet")?.join("config.json");
                 match (family, unet.config.text_time) {
-                    (Family::StableDiffusionXl, None) => return Err(PipelineError::config(&unet_config, "SDXL needs addition_embed_type \"text_time\"")),
-                    (Family::StableDiffusion, Some(_)) => return Err(PipelineError::config(&unet_config, "addition_embed_type \"text_time\" needs an SDXL pipeline")),
+                    (Family::StableDiffusionXl, None) => {
+                        return Err(PipelineError::config(&unet_config, "SDXL needs addition_embed_type \"text_time\""))
+                    }
+                    (Family::StableDiffusion, Some(_)) => {
+                        return Err(PipelineError::config(&unet_config, "addition_embed_type \"text_time\" needs an SDXL pipeline"))
+                    }
                     _ => {}
                 }
                 if unet.config.time_cond_proj_dim.is_some() {
@@ -247,7 +254,10 @@ impl Pipeline {
         };
         let vae = VaeDecoder::load(&dir.component("vae")?, dtype, &device)?;
         if vae.config.latent_channels != denoiser.in_channels() {
-            return Err(PipelineError::config(&dir.root.join("vae/config.json"), "latent_channels differs from the denoiser's in_channels"));
+            return Err(PipelineError::config(
+                &dir.root.join("vae/config.json"),
+                "latent_channels differs from the denoiser's in_channels",
+            ));
         }
         let scheduler_dir = dir.component("scheduler")?;
         let scheduler_config = Config::load(&scheduler_dir.join("scheduler_config.json"))?;
@@ -278,7 +288,13 @@ impl Pipeline {
                 (true, _) => 1,
                 (false, Family::StableDiffusion3) => 28,
                 (false, _) if flow_unet => 28,
-                (false, Family::Flux) => if flux_dev { 28 } else { 4 },
+                (false, Family::Flux) => {
+                    if flux_dev {
+                        28
+                    } else {
+                        4
+                    }
+                }
                 _ => 50,
             },
             guidance: match (turbo, family) {
@@ -286,14 +302,33 @@ impl Pipeline {
                 (false, Family::StableDiffusion) => 7.5,
                 (false, Family::StableDiffusionXl) => 5.0,
                 (false, Family::StableDiffusion3) => 7.0,
-                (false, Family::Flux) => if flux_dev { 3.5 } else { 0.0 },
+                (false, Family::Flux) => {
+                    if flux_dev {
+                        3.5
+                    } else {
+                        0.0
+                    }
+                }
             },
             width: side,
             height: side,
         };
         let defaults = model_defaults(&dir, defaults)?;
         tracing::info!(model = %name, family = family.name(), scheduler = default_scheduler.name(), "model loaded");
-        Ok(Self { family, name, device, dtype, encoders, t5, denoiser, vae, scheduler_config, default_scheduler, force_zeros_for_empty_prompt, defaults })
+        Ok(Self {
+            family,
+            name,
+            device,
+            dtype,
+            encoders,
+            t5,
+            denoiser,
+            vae,
+            scheduler_config,
+            default_scheduler,
+            force_zeros_for_empty_prompt,
+            defaults,
+        })
     }
 
     pub fn defaults(&self) -> ModelDefaults {
@@ -356,7 +391,11 @@ impl Pipeline {
         if scheduler.is_flow() != self.default_scheduler.is_flow() {
             return Err(PipelineError::param(
                 "scheduler",
-                if scheduler.is_flow() { "flow-euler is for flow-matching models (SD3, FLUX)" } else { "flow-matching models (SD3, FLUX) sample with flow-euler" },
+                if scheduler.is_flow() {
+                    "flow-euler is for flow-matching models (SD3, FLUX)"
+                } else {
+                    "flow-matching models (SD3, FLUX) sample with flow-euler"
+                },
             ));
         }
         if let Some(l) = &req.latents {
@@ -391,10 +430,13 @@ impl Pipeline {
         let cond = self.encode(&req.prompts)?;
         let (context, extra) = if cfg {
             let uncond = self.encode_negative(&req.negative_prompts)?;
-            (Tensor::cat(&[&uncond.context, &cond.context], 0)?, match (uncond.pooled, cond.pooled) {
-                (Some(u), Some(c)) => Some(Tensor::cat(&[&u, &c], 0)?),
-                _ => None,
-            })
+            (
+                Tensor::cat(&[&uncond.context, &cond.context], 0)?,
+                match (uncond.pooled, cond.pooled) {
+                    (Some(u), Some(c)) => Some(Tensor::cat(&[&u, &c], 0)?),
+                    _ => None,
+                },
+            )
         } else {
             (cond.context, cond.pooled)
         };
@@ -525,7 +567,8 @@ impl Pipeline {
     fn flow_shift(&self, width: usize, height: usize, steps: usize) -> Result<Option<FlowShift>> {
         let c = &self.scheduler_config;
         // FLUX's pipeline passes its own sigmas: linspace(1, 1/steps, steps).
-        let sigmas = (self.family == Family::Flux).then(|| (0..steps).map(|i| 1.0 - i as f64 * (1.0 - 1.0 / steps as f64) / (steps.max(2) - 1) as f64).collect::<Vec<_>>());
+        let sigmas = (self.family == Family::Flux)
+            .then(|| (0..steps).map(|i| 1.0 - i as f64 * (1.0 - 1.0 / steps as f64) / (steps.max(2) - 1) as f64).collect::<Vec<_>>());
         if !self.default_scheduler.is_flow() || !c.bool_or("use_dynamic_shifting", false)? {
             return Ok(sigmas.map(|s| FlowShift { sigmas: Some(s), mu: None }));
         }

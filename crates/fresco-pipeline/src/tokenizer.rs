@@ -84,8 +84,8 @@ impl PromptTokenizer {
             Lowercase.into(),
         ]);
         inner.with_normalizer(Some(normalizer));
-        let split = Split::new(SplitPattern::Regex(CLIP_PATTERN.into()), SplitDelimiterBehavior::Removed, true)
-            .map_err(|e| tok_err(dir, e))?;
+        let split =
+            Split::new(SplitPattern::Regex(CLIP_PATTERN.into()), SplitDelimiterBehavior::Removed, true).map_err(|e| tok_err(dir, e))?;
         inner.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()])));
 
         // transformers splits special tokens out of the text before BPE; with SDXL's `!` pad token this
@@ -158,10 +158,5 @@ impl PromptTokenizer {
 }
 
 fn max_length(config: &Value, default: usize) -> usize {
-    config
-        .get("model_max_length")
-        .and_then(Value::as_u64)
-        .filter(|v| *v > 0 && *v < 100_000)
-        .map(|v| v as usize)
-        .unwrap_or(default)
+    config.get("model_max_length").and_then(Value::as_u64).filter(|v| *v > 0 && *v < 100_000).map(|v| v as usize).unwrap_or(default)
 }

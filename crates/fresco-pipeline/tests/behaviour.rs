@@ -138,8 +138,12 @@ fn bad_parameters_name_the_parameter() {
     assert_eq!(field(request(&["  "], &[1])), "prompt[0]");
     let flux = Pipeline::load(&fixture("tiny-flux"), &DeviceSpec::Cpu).unwrap();
     // FLUX packs 2×2 latents: sizes must be multiples of 16.
-    assert!(matches!(flux.generate(&Request { width: Some(72), ..request(&["x"], &[1]) }), Err(PipelineError::InvalidParam { field, .. }) if field == "width"));
-    assert!(matches!(flux.generate(&Request { scheduler: Some("ddim".into()), ..request(&["x"], &[1]) }), Err(PipelineError::InvalidParam { field, .. }) if field == "scheduler"));
+    assert!(
+        matches!(flux.generate(&Request { width: Some(72), ..request(&["x"], &[1]) }), Err(PipelineError::InvalidParam { field, .. }) if field == "width")
+    );
+    assert!(
+        matches!(flux.generate(&Request { scheduler: Some("ddim".into()), ..request(&["x"], &[1]) }), Err(PipelineError::InvalidParam { field, .. }) if field == "scheduler")
+    );
 }
 
 #[test]
@@ -171,14 +175,21 @@ fn sharded_and_fp16_weights_load() {
     names.sort();
     let (first, second) = names.split_at(names.len() / 2);
     let mut weight_map = serde_json::Map::new();
-    for (file, part) in [("diffusion_pytorch_model-00001-of-00002.safetensors", first), ("diffusion_pytorch_model-00002-of-00002.safetensors", second)] {
-        let shard: std::collections::HashMap<String, candle_core::Tensor> = part.iter().map(|n| ((*n).clone(), tensors[*n].clone())).collect();
+    for (file, part) in
+        [("diffusion_pytorch_model-00001-of-00002.safetensors", first), ("diffusion_pytorch_model-00002-of-00002.safetensors", second)]
+    {
+        let shard: std::collections::HashMap<String, candle_core::Tensor> =
+            part.iter().map(|n| ((*n).clone(), tensors[*n].clone())).collect();
         candle_core::safetensors::save(&shard, unet.join(file)).unwrap();
         for n in part {
             weight_map.insert((*n).clone(), file.into());
         }
     }
-    std::fs::write(unet.join("diffusion_pytorch_model.safetensors.index.json"), serde_json::json!({"metadata": {}, "weight_map": weight_map}).to_string()).unwrap();
+    std::fs::write(
+        unet.join("diffusion_pytorch_model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": weight_map}).to_string(),
+    )
+    .unwrap();
     let from_shards = Pipeline::load(&sharded, &DeviceSpec::Cpu).unwrap().generate(&request(&["a red circle"], &[3])).unwrap();
     assert_eq!(from_shards, reference, "sharded weights must give the same image");
 
@@ -190,7 +201,8 @@ fn sharded_and_fp16_weights_load() {
     let half = tmp.path().join("fp16");
     copy_dir(&fixture("tiny-sd15"), &half);
     let unet = half.join("unet");
-    let f16: std::collections::HashMap<String, candle_core::Tensor> = tensors.iter().map(|(n, t)| (n.clone(), t.to_dtype(DType::F16).unwrap())).collect();
+    let f16: std::collections::HashMap<String, candle_core::Tensor> =
+        tensors.iter().map(|(n, t)| (n.clone(), t.to_dtype(DType::F16).unwrap())).collect();
     std::fs::remove_file(unet.join("diffusion_pytorch_model.safetensors")).unwrap();
     candle_core::safetensors::save(&f16, unet.join("diffusion_pytorch_model.fp16.safetensors")).unwrap();
     let from_half = Pipeline::load(&half, &DeviceSpec::Cpu).unwrap().generate(&request(&["a red circle"], &[3])).unwrap();
@@ -219,13 +231,19 @@ fn model_defaults_and_flow_unets() {
     assert!(load_err(&model).contains("guidance"));
     std::fs::write(&index, &original).unwrap();
 
-    std::fs::write(model.join("scheduler/scheduler_config.json"), r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}"#).unwrap();
+    std::fs::write(
+        model.join("scheduler/scheduler_config.json"),
+        r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}"#,
+    )
+    .unwrap();
     let flow = Pipeline::load(&model, &DeviceSpec::Cpu).unwrap();
     assert_eq!(flow.default_scheduler().name(), "flow-euler");
     let r = Request { steps: Some(3), ..request(&["a red circle"], &[5]) };
     let a = flow.generate(&r).unwrap();
     assert_eq!(a, flow.generate(&r).unwrap());
-    assert!(matches!(flow.generate(&Request { scheduler: Some("ddim".into()), ..r.clone() }), Err(PipelineError::InvalidParam { field, .. }) if field == "scheduler"));
+    assert!(
+        matches!(flow.generate(&Request { scheduler: Some("ddim".into()), ..r.clone() }), Err(PipelineError::InvalidParam { field, .. }) if field == "scheduler")
+    );
 
     let sd3 = tmp.path().join("sd3");
     copy_dir(&fixture("tiny-sd3"), &sd3);

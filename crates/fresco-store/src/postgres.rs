@@ -107,7 +107,6 @@ fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
 
-
 /// A job's state, read under the transaction's lock (PostgreSQL: `FOR UPDATE`; SQLite: the write lock).
 async fn locked_job_state(tx: &mut Transaction<'static, Postgres>, id: JobId) -> StoreResult<JobState> {
     let row = sqlx::query("SELECT state FROM jobs WHERE id = $1 FOR UPDATE")
@@ -175,7 +174,8 @@ impl JobIngest for PgIngest {
         let text: Vec<&str> = prepared.iter().map(|p| p.prompt.as_str()).collect();
         let neg: Vec<Option<&str>> = prepared.iter().map(|p| p.negative_prompt.as_deref()).collect();
         let seeds: Vec<i64> = prepared.iter().map(|p| p.seed as i64).collect();
-        let extra: Vec<Option<Json<&BTreeMap<String, String>>>> = prepared.iter().map(|p| (!p.extra.is_empty()).then_some(Json(&p.extra))).collect();
+        let extra: Vec<Option<Json<&BTreeMap<String, String>>>> =
+            prepared.iter().map(|p| (!p.extra.is_empty()).then_some(Json(&p.extra))).collect();
         let tx = self.tx.as_mut().ok_or_else(|| StoreError::Conflict("submission already finished".into()))?;
         // UNNEST keeps a chunk to one round trip regardless of its size.
         sqlx::query(
@@ -441,24 +441,26 @@ impl JobStore for PgStore {
         let first: i64 = row.try_get("first_idx")?;
         let count: i32 = row.try_get("count")?;
         let Json(job_params): Json<fresco_core::GenerationParams> = row.try_get("job_params")?;
-        let prompts = sqlx::query("SELECT idx, prompt, negative_prompt, seed, extra FROM prompts WHERE job_id = $1 AND idx >= $2 AND idx < $3 ORDER BY idx")
-            .bind(job)
-            .bind(first)
-            .bind(first + count as i64)
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(|p| {
-                let extra: Option<Json<BTreeMap<String, String>>> = p.try_get("extra")?;
-                Ok(LeasedPrompt {
-                    index: p.try_get::<i64, _>("idx")? as u64,
-                    prompt: p.try_get("prompt")?,
-                    negative_prompt: p.try_get::<Option<String>, _>("negative_prompt")?.or_else(|| job_params.negative_prompt.clone()),
-                    seed: p.try_get::<i64, _>("seed")? as u64,
-                    extra: extra.map(|e| e.0).unwrap_or_default(),
-                })
+        let prompts = sqlx::query(
+            "SELECT idx, prompt, negative_prompt, seed, extra FROM prompts WHERE job_id = $1 AND idx >= $2 AND idx < $3 ORDER BY idx",
+        )
+        .bind(job)
+        .bind(first)
+        .bind(first + count as i64)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|p| {
+            let extra: Option<Json<BTreeMap<String, String>>> = p.try_get("extra")?;
+            Ok(LeasedPrompt {
+                index: p.try_get::<i64, _>("idx")? as u64,
+                prompt: p.try_get("prompt")?,
+                negative_prompt: p.try_get::<Option<String>, _>("negative_prompt")?.or_else(|| job_params.negative_prompt.clone()),
+                seed: p.try_get::<i64, _>("seed")? as u64,
+                extra: extra.map(|e| e.0).unwrap_or_default(),
             })
-            .collect::<StoreResult<Vec<_>>>()?;
+        })
+        .collect::<StoreResult<Vec<_>>>()?;
         Ok(Some(row_to_leased(&row, prompts)?))
     }
 
@@ -642,4 +644,3 @@ impl JobStore for PgStore {
         rows.iter().map(|r| worker_row(r, r.try_get::<i32, _>("max_batch")? as i64)).collect()
     }
 }
-

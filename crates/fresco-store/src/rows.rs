@@ -40,5 +40,11 @@ where
     Json<Vec<String>>: Decode<'r, R::Database> + Type<R::Database>,
 {
     let Json(models) = r.try_get("models")?;
-    Ok(WorkerInfo { name: r.try_get("name")?, models, device: r.try_get("device")?, max_batch: max_batch as u32, loaded_model: r.try_get("loaded_model")? })
+    Ok(WorkerInfo {
+        name: r.try_get("name")?,
+        models,
+        device: r.try_get("device")?,
+        max_batch: max_batch as u32,
+        loaded_model: r.try_get("loaded_model")?,
+    })
 }

@@ -85,10 +85,12 @@ impl SqliteStore {
 
     async fn summary(&self, r: &SqliteRow) -> StoreResult<JobSummary> {
         let id: String = r.try_get("id")?;
-        let rows = sqlx::query("SELECT state, SUM(count) AS n FROM tasks WHERE job_id = ? GROUP BY state").bind(&id).fetch_all(&self.pool).await?;
+        let rows =
+            sqlx::query("SELECT state, SUM(count) AS n FROM tasks WHERE job_id = ? GROUP BY state").bind(&id).fetch_all(&self.pool).await?;
         let mut counts = Counts::default();
         for c in rows {
-            counts.add(c.try_get::<String, _>("state")?.parse::<TaskState>().map_err(StoreError::Corrupt)?, c.try_get::<i64, _>("n")? as u64);
+            counts
+                .add(c.try_get::<String, _>("state")?.parse::<TaskState>().map_err(StoreError::Corrupt)?, c.try_get::<i64, _>("n")? as u64);
         }
         let Json(params) = r.try_get("params")?;
         Ok(JobSummary {
@@ -125,7 +127,6 @@ fn fence(row: &SqliteRow, task: TaskId, token: LeaseToken, allow_done: bool) -> 
     let held = row.try_get::<Option<String>, _>("lease_token")?.map(|t| uuid(&t)).transpose()? == Some(token.0);
     check_fence(task, state, held, allow_done)
 }
-
 
 /// A job's state, read under the transaction's lock (PostgreSQL: `FOR UPDATE`; SQLite: the write lock).
 async fn locked_job_state(tx: &mut Transaction<'static, Sqlite>, id: JobId) -> StoreResult<JobState> {
@@ -289,7 +290,11 @@ impl JobStore for SqliteStore {
                 return Ok(state);
             }
             let now = now_ms();
-            sqlx::query("UPDATE jobs SET state = 'cancelled', finished_at = ? WHERE id = ?").bind(now).bind(id.to_string()).execute(&mut *tx).await?;
+            sqlx::query("UPDATE jobs SET state = 'cancelled', finished_at = ? WHERE id = ?")
+                .bind(now)
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await?;
             sqlx::query("UPDATE tasks SET state = 'cancelled', updated_at = ? WHERE job_id = ? AND state IN ('pending', 'leased')")
                 .bind(now)
                 .bind(id.to_string())
@@ -359,7 +364,11 @@ impl JobStore for SqliteStore {
         .execute(&self.pool)
         .await?;
         // See the PostgreSQL store: a re-registration means the old leases are dead.
-        sqlx::query("UPDATE tasks SET lease_expires_at = ? WHERE state = 'leased' AND leased_by = ?").bind(now - 1).bind(&w.name).execute(&self.pool).await?;
+        sqlx::query("UPDATE tasks SET lease_expires_at = ? WHERE state = 'leased' AND leased_by = ?")
+            .bind(now - 1)
+            .bind(&w.name)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -402,26 +411,37 @@ impl JobStore for SqliteStore {
         let model: String = job_row.try_get("model")?;
         let first: i64 = row.try_get("first_idx")?;
         let count: i64 = row.try_get("count")?;
-        let prompts = sqlx::query("SELECT idx, prompt, negative_prompt, seed, extra FROM prompts WHERE job_id = ? AND idx >= ? AND idx < ? ORDER BY idx")
-            .bind(&job)
-            .bind(first)
-            .bind(first + count)
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(|p| {
-                let extra: Option<Json<BTreeMap<String, String>>> = p.try_get("extra")?;
-                Ok(LeasedPrompt {
-                    index: p.try_get::<i64, _>("idx")? as u64,
-                    prompt: p.try_get("prompt")?,
-                    negative_prompt: p.try_get::<Option<String>, _>("negative_prompt")?.or_else(|| job_params.negative_prompt.clone()),
-                    seed: p.try_get::<i64, _>("seed")? as u64,
-                    extra: extra.map(|e| e.0).unwrap_or_default(),
-                })
+        let prompts = sqlx::query(
+            "SELECT idx, prompt, negative_prompt, seed, extra FROM prompts WHERE job_id = ? AND idx >= ? AND idx < ? ORDER BY idx",
+        )
+        .bind(&job)
+        .bind(first)
+        .bind(first + count)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|p| {
+            let extra: Option<Json<BTreeMap<String, String>>> = p.try_get("extra")?;
+            Ok(LeasedPrompt {
+                index: p.try_get::<i64, _>("idx")? as u64,
+                prompt: p.try_get("prompt")?,
+                negative_prompt: p.try_get::<Option<String>, _>("negative_prompt")?.or_else(|| job_params.negative_prompt.clone()),
+                seed: p.try_get::<i64, _>("seed")? as u64,
+                extra: extra.map(|e| e.0).unwrap_or_default(),
             })
-            .collect::<StoreResult<Vec<_>>>()?;
-        sqlx::query("UPDATE jobs SET state = 'running', started_at = ? WHERE id = ? AND state = 'queued'").bind(now).bind(&job).execute(&self.pool).await?;
-        sqlx::query("UPDATE workers SET last_seen = ?, loaded_model = ? WHERE name = ?").bind(now).bind(&model).bind(&req.worker).execute(&self.pool).await?;
+        })
+        .collect::<StoreResult<Vec<_>>>()?;
+        sqlx::query("UPDATE jobs SET state = 'running', started_at = ? WHERE id = ? AND state = 'queued'")
+            .bind(now)
+            .bind(&job)
+            .execute(&self.pool)
+            .await?;
+        sqlx::query("UPDATE workers SET last_seen = ?, loaded_model = ? WHERE name = ?")
+            .bind(now)
+            .bind(&model)
+            .bind(&req.worker)
+            .execute(&self.pool)
+            .await?;
         let Json(params) = row.try_get("params")?;
         Ok(Some(LeasedTask {
             task_id: TaskId(row.try_get("id")?),
@@ -595,7 +615,10 @@ impl JobStore for SqliteStore {
     }
 
     async fn live_workers(&self, within: Duration) -> StoreResult<Vec<WorkerInfo>> {
-        let rows = sqlx::query("SELECT * FROM workers WHERE last_seen > ? ORDER BY name").bind(now_ms() - ms(within)).fetch_all(&self.pool).await?;
+        let rows = sqlx::query("SELECT * FROM workers WHERE last_seen > ? ORDER BY name")
+            .bind(now_ms() - ms(within))
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(|r| worker_row(r, r.try_get::<i64, _>("max_batch")?)).collect()
     }
 }

@@ -33,7 +33,12 @@ pub(crate) fn empty_job() -> crate::StoreError {
 
 /// Fencing by lease token: whether a report about `task` may proceed. `Ok(true)` means the same report was
 /// already recorded (a completion whose answer was lost on the way back), so there is nothing to do.
-pub(crate) fn check_fence(task: fresco_core::TaskId, state: fresco_core::TaskState, token_matches: bool, allow_done: bool) -> StoreResult<bool> {
+pub(crate) fn check_fence(
+    task: fresco_core::TaskId,
+    state: fresco_core::TaskState,
+    token_matches: bool,
+    allow_done: bool,
+) -> StoreResult<bool> {
     use fresco_core::TaskState;
     match (state, token_matches) {
         (TaskState::Leased, true) => Ok(false),

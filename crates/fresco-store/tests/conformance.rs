@@ -23,11 +23,7 @@ async fn pg_in(schema: &str) -> PgStore {
     let opts: sqlx::postgres::PgConnectOptions = database_url().parse().unwrap();
     let admin = sqlx::PgPool::connect_with(opts.clone()).await.expect("PostgreSQL is needed for the conformance suite (DATABASE_URL)");
     sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {schema}")).execute(&admin).await.unwrap();
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(8)
-        .connect_with(opts.options([("search_path", schema)]))
-        .await
-        .unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect_with(opts.options([("search_path", schema)])).await.unwrap();
     let store = PgStore::from_pool(pool, policy());
     store.migrate().await.unwrap();
     store
@@ -146,7 +142,10 @@ async fn client_request_id_returns_the_first_job(store: Arc<dyn JobStore>) {
 
 async fn lease_complete_finishes_the_job(store: Arc<dyn JobStore>) {
     let id = submit(&*store, job("m", 2), 3).await;
-    store.register_worker(&WorkerInfo { name: "w".into(), models: vec!["m".into()], device: "cpu".into(), max_batch: 8, loaded_model: None }).await.unwrap();
+    store
+        .register_worker(&WorkerInfo { name: "w".into(), models: vec!["m".into()], device: "cpu".into(), max_batch: 8, loaded_model: None })
+        .await
+        .unwrap();
     let mut seen = Vec::new();
     while let Some(t) = store.lease(&lease_req("w", &["m"])).await.unwrap() {
         assert_eq!(t.job_id, id);
@@ -292,7 +291,10 @@ async fn explicit_seeds_and_overrides_are_kept(store: Arc<dyn JobStore>) {
     extra.insert("source".to_string(), "laion".to_string());
     ingest
         .append(vec![
-            NewPrompt { prompt: "a".into(), overrides: ParamOverrides { seed: Some(123), negative_prompt: Some("blurry".into()), extra, ..Default::default() } },
+            NewPrompt {
+                prompt: "a".into(),
+                overrides: ParamOverrides { seed: Some(123), negative_prompt: Some("blurry".into()), extra, ..Default::default() },
+            },
             NewPrompt { prompt: "b".into(), overrides: ParamOverrides { steps: Some(8), ..Default::default() } },
         ])
         .await

@@ -143,7 +143,9 @@ fn measure(image: &Image, color: Color, bg: [u8; 3], (x0, x1, y0, y1): (usize, u
         }
     }
     let extent = |m: &[f64]| m.iter().sum::<f64>();
-    let centre = |m: &[f64], start: usize| m.iter().enumerate().map(|(i, _)| (start + i) as f64 + 0.5).zip(m).map(|(p, a)| p * a).sum::<f64>() / extent(m).max(1e-9);
+    let centre = |m: &[f64], start: usize| {
+        m.iter().enumerate().map(|(i, _)| (start + i) as f64 + 0.5).zip(m).map(|(p, a)| p * a).sum::<f64>() / extent(m).max(1e-9)
+    };
     let (bw, bh) = (extent(&cols), extent(&rows));
     let fill = area / (bw * bh).max(1e-9);
     let shape = if !(0.6..=1.6).contains(&(bw / bh.max(1e-9))) {
@@ -231,7 +233,9 @@ mod tests {
     fn wrong_images_are_caught() {
         let mut rng = Rng::new(9);
         let (prompt, image) = sample_scene(&mut rng, 1, false);
-        let (other, _) = std::iter::repeat_with(|| sample_scene(&mut rng, 1, false)).find(|(p, _)| p.objects[0].color != prompt.objects[0].color).expect("scene");
+        let (other, _) = std::iter::repeat_with(|| sample_scene(&mut rng, 1, false))
+            .find(|(p, _)| p.objects[0].color != prompt.objects[0].color)
+            .expect("scene");
         assert!(!check(&other, &image).adherent);
         // An empty canvas of the right background has no objects.
         let empty = paint(prompt.background_rgb(), &[]);
@@ -241,7 +245,9 @@ mod tests {
 
     #[test]
     fn shapes_are_told_apart() {
-        for (shape, half) in [(Shape::Circle, 6.0), (Shape::Square, 6.0), (Shape::Triangle, 6.0), (Shape::Circle, 13.5), (Shape::Triangle, 9.5)] {
+        for (shape, half) in
+            [(Shape::Circle, 6.0), (Shape::Square, 6.0), (Shape::Triangle, 6.0), (Shape::Circle, 13.5), (Shape::Triangle, 9.5)]
+        {
             let img = paint(GREY, &[Placed { color: Color::Blue, shape, cx: 30.3, cy: 33.7, half }]);
             let (_, found) = detect(&img);
             assert_eq!(found.len(), 1);

@@ -133,7 +133,15 @@ impl Position {
 
     /// Whether a bounding-box centre `(x, y)` lies in this position of a `side`×`side` image.
     pub fn contains(self, x: f64, y: f64, side: f64) -> bool {
-        let third = |v: f64| if v < side / 3.0 { 0 } else if v < 2.0 * side / 3.0 { 1 } else { 2 };
+        let third = |v: f64| {
+            if v < side / 3.0 {
+                0
+            } else if v < 2.0 * side / 3.0 {
+                1
+            } else {
+                2
+            }
+        };
         match self {
             Self::Left => third(x) == 0,
             Self::Right => third(x) == 2,

@@ -100,7 +100,8 @@ pub fn write_skeleton(dir: &Path, variant: Variant, arch: &Arch, tokenizer: &Pat
         std::fs::copy(&from, tok.join(f)).map_err(|e| TinyError::io(&from, e))?;
     }
     let mut config: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(tokenizer.join("tokenizer_config.json")).map_err(|e| TinyError::io(&tokenizer.join("tokenizer_config.json"), e))?,
+        &std::fs::read_to_string(tokenizer.join("tokenizer_config.json"))
+            .map_err(|e| TinyError::io(&tokenizer.join("tokenizer_config.json"), e))?,
     )
     .map_err(|e| TinyError::Invalid(format!("{}: {e}", tokenizer.join("tokenizer_config.json").display())))?;
     config["model_max_length"] = arch.max_tokens.into();
@@ -527,7 +528,8 @@ pub fn train_denoiser(dir: &Path, variant: Variant, opts: &TrainOptions, progres
     for step in 0..s.steps {
         opt.set_learning_rate(s.lr_at(step));
         let picks: Vec<usize> = (0..s.batch).map(|_| draw.below(prompts.len())).collect();
-        let ids: Vec<Vec<u32>> = picks.iter().map(|&i| if draw.chance(opts.uncond_fraction) { empty.clone() } else { token_rows[i].clone() }).collect();
+        let ids: Vec<Vec<u32>> =
+            picks.iter().map(|&i| if draw.chance(opts.uncond_fraction) { empty.clone() } else { token_rows[i].clone() }).collect();
         let context = text.forward(&ids)?.last_hidden_state;
         let x0 = Tensor::stack(&picks.iter().map(|&i| latents[i].clone()).collect::<Vec<_>>(), 0)?;
         let eps = normal_tensor(&mut draw, x0.dims(), &device)?;
@@ -540,7 +542,8 @@ pub fn train_denoiser(dir: &Path, variant: Variant, opts: &TrainOptions, progres
                 let t = Tensor::from_vec(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), s.batch, &device)?;
                 // Min-SNR-5 weighting (Hang et al. 2023): the nearly clean timesteps, easy and many, stop
                 // dominating the loss; it converges several times faster.
-                let w: Vec<f32> = ts.iter().map(|&t| (ac[t] / (1.0 - ac[t])).min(MIN_SNR_GAMMA) / (ac[t] / (1.0 - ac[t])) ).map(|w| w as f32).collect();
+                let w: Vec<f32> =
+                    ts.iter().map(|&t| (ac[t] / (1.0 - ac[t])).min(MIN_SNR_GAMMA) / (ac[t] / (1.0 - ac[t]))).map(|w| w as f32).collect();
                 (xt, t, eps, Tensor::from_vec(w, s.batch, &device)?)
             }
             Variant::Flow => {
@@ -551,7 +554,8 @@ pub fn train_denoiser(dir: &Path, variant: Variant, opts: &TrainOptions, progres
                     .collect();
                 let keep: Vec<f64> = sig.iter().map(|s| 1.0 - s).collect();
                 let xt = (x0.broadcast_mul(&per_sample(&keep, &device)?)? + eps.broadcast_mul(&per_sample(&sig, &device)?)?)?;
-                let t = Tensor::from_vec(sig.iter().map(|&s| (s * arch::TRAIN_TIMESTEPS as f64) as f32).collect::<Vec<_>>(), s.batch, &device)?;
+                let t =
+                    Tensor::from_vec(sig.iter().map(|&s| (s * arch::TRAIN_TIMESTEPS as f64) as f32).collect::<Vec<_>>(), s.batch, &device)?;
                 (xt, t, (&eps - &x0)?, Tensor::ones(s.batch, DType::F32, &device)?)
             }
         };

@@ -68,7 +68,8 @@ fn trained_models_load_and_sample_through_the_pipeline() {
         // The model's own recipe from `_fresco_defaults`.
         assert_eq!((pipe.defaults().steps, pipe.defaults().guidance), (3, 2.0));
         assert_eq!((pipe.defaults().width, pipe.defaults().height), (64, 64));
-        let images = pipe.generate(&Request::new(vec!["a red circle".into(), "two blue squares on the left".into()], vec![1, 2])).expect("generate");
+        let images =
+            pipe.generate(&Request::new(vec!["a red circle".into(), "two blue squares on the left".into()], vec![1, 2])).expect("generate");
         assert_eq!(images.len(), 2);
         assert_eq!((images[0].width, images[0].height), (64, 64));
         // The full CLIP vocabulary is stored, so any prompt tokenizes and encodes.
@@ -78,7 +79,9 @@ fn trained_models_load_and_sample_through_the_pipeline() {
         let opts = EvalOptions { prompts: 2, steps: vec![1, 2], batch: 3, ..Default::default() };
         let (rows, samples) = eval::evaluate(&dir, &opts, 2).expect("evaluate");
         assert_eq!(rows.iter().map(|r| (r.steps, r.default_steps)).collect::<Vec<_>>(), [(1, false), (2, false), (3, true)]);
-        assert!(rows.iter().all(|r| (0.0..=1.0).contains(&r.adherence.one) && (0.0..=1.0).contains(&r.adherence.two) && r.seconds_per_image > 0.0));
+        assert!(rows
+            .iter()
+            .all(|r| (0.0..=1.0).contains(&r.adherence.one) && (0.0..=1.0).contains(&r.adherence.two) && r.seconds_per_image > 0.0));
         assert!(samples.iter().all(|s| s.len() == 2));
         assert_eq!(eval::table(&rows).lines().count(), 5);
     }

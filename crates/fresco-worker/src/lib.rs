@@ -38,7 +38,13 @@ pub struct WorkerConfig {
 
 impl Default for WorkerConfig {
     fn default() -> Self {
-        Self { name: "worker".into(), device: "cpu".into(), max_batch: 8, lease_wait: Duration::from_secs(10), upload_deadline: Duration::from_secs(600) }
+        Self {
+            name: "worker".into(),
+            device: "cpu".into(),
+            max_batch: 8,
+            lease_wait: Duration::from_secs(10),
+            upload_deadline: Duration::from_secs(600),
+        }
     }
 }
 
@@ -88,7 +94,14 @@ impl Backoff {
 
 impl Worker {
     pub fn new(config: WorkerConfig, link: Arc<dyn CoordinatorLink>, models: Arc<ModelRegistry>) -> Arc<Self> {
-        Arc::new(Self { config, link, models, outputs: Outputs::default(), metrics: Arc::new(WorkerMetrics::new()), held: Mutex::new(HashMap::new()) })
+        Arc::new(Self {
+            config,
+            link,
+            models,
+            outputs: Outputs::default(),
+            metrics: Arc::new(WorkerMetrics::new()),
+            held: Mutex::new(HashMap::new()),
+        })
     }
 
     pub(crate) fn held(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Held>> {
@@ -98,7 +111,12 @@ impl Worker {
     /// Runs until `shutdown` fires, then drains: no new leases, the batch in hand is finished and reported.
     /// `abort` (a second signal) stops everything at once; unreported leases then expire and are redone.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken, abort: CancellationToken) -> Result<(), WorkerError> {
-        let register = v1::RegisterRequest { name: self.config.name.clone(), models: self.models.names(), device: self.config.device.clone(), max_batch: self.config.max_batch };
+        let register = v1::RegisterRequest {
+            name: self.config.name.clone(),
+            models: self.models.names(),
+            device: self.config.device.clone(),
+            max_batch: self.config.max_batch,
+        };
         let mut backoff = Backoff::new();
         let reg = loop {
             match self.link.register(register.clone()).await {
@@ -134,7 +152,8 @@ impl Worker {
                 _ = tick.tick() => {}
                 _ = stop.cancelled() => return,
             }
-            let leases: Vec<v1::HeldLease> = self.held().iter().map(|(id, h)| v1::HeldLease { task_id: *id, lease_token: h.token.clone() }).collect();
+            let leases: Vec<v1::HeldLease> =
+                self.held().iter().map(|(id, h)| v1::HeldLease { task_id: *id, lease_token: h.token.clone() }).collect();
             match self.link.heartbeat(v1::HeartbeatRequest { worker: self.config.name.clone(), leases }).await {
                 Ok(r) => {
                     let held = self.held();

@@ -81,5 +81,12 @@ impl CoordinatorLink for GrpcLink {
 
 /// Whether a failed call is worth repeating: the coordinator (or its database) is unreachable or busy.
 pub fn is_retryable(s: &Status) -> bool {
-    matches!(s.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::ResourceExhausted | tonic::Code::Unknown | tonic::Code::Internal)
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::ResourceExhausted
+            | tonic::Code::Unknown
+            | tonic::Code::Internal
+    )
 }

@@ -24,13 +24,24 @@ impl WorkerMetrics {
     #[allow(clippy::expect_used)] // static metric definitions: a failure is a programming error
     pub fn new() -> Self {
         let registry = Registry::new();
-        let model_seconds = Gauge::new("fresco_worker_model_seconds_total", "Seconds spent inside the model (encode, denoise, decode)").expect("metric");
+        let model_seconds =
+            Gauge::new("fresco_worker_model_seconds_total", "Seconds spent inside the model (encode, denoise, decode)").expect("metric");
         let duty_cycle = Gauge::new("fresco_worker_duty_cycle", "Time inside the model divided by wall time since start").expect("metric");
         let buckets = vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
-        let stage_seconds = HistogramVec::new(HistogramOpts::new("fresco_worker_stage_seconds", "Seconds per batch in each stage").buckets(buckets), &["stage"]).expect("metric");
+        let stage_seconds = HistogramVec::new(
+            HistogramOpts::new("fresco_worker_stage_seconds", "Seconds per batch in each stage").buckets(buckets),
+            &["stage"],
+        )
+        .expect("metric");
         let tasks = IntCounterVec::new(Opts::new("fresco_worker_tasks_total", "Tasks by outcome"), &["outcome"]).expect("metric");
         let images = prometheus::IntCounter::new("fresco_worker_images_total", "Images uploaded and reported").expect("metric");
-        for m in [Box::new(model_seconds.clone()) as Box<dyn prometheus::core::Collector>, Box::new(duty_cycle.clone()), Box::new(stage_seconds.clone()), Box::new(tasks.clone()), Box::new(images.clone())] {
+        for m in [
+            Box::new(model_seconds.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(duty_cycle.clone()),
+            Box::new(stage_seconds.clone()),
+            Box::new(tasks.clone()),
+            Box::new(images.clone()),
+        ] {
             registry.register(m).expect("unique metric");
         }
         Self { registry, started: Instant::now(), model_seconds, duty_cycle, stage_seconds, tasks, images }

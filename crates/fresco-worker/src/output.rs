@@ -52,8 +52,12 @@ impl OutputLocation {
                 let parsed = Url::parse(url).map_err(|e| err(e.to_string()))?;
                 let store: Arc<dyn ObjectStore> = match scheme {
                     "s3" => Arc::new(object_store::aws::AmazonS3Builder::from_env().with_url(url).build().map_err(|e| err(e.to_string()))?),
-                    "gs" => Arc::new(object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(url).build().map_err(|e| err(e.to_string()))?),
-                    _ => Arc::new(object_store::azure::MicrosoftAzureBuilder::from_env().with_url(url).build().map_err(|e| err(e.to_string()))?),
+                    "gs" => Arc::new(
+                        object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(url).build().map_err(|e| err(e.to_string()))?,
+                    ),
+                    _ => Arc::new(
+                        object_store::azure::MicrosoftAzureBuilder::from_env().with_url(url).build().map_err(|e| err(e.to_string()))?,
+                    ),
                 };
                 let prefix = parsed.path().trim_matches('/').to_string();
                 (store, prefix, url.trim_end_matches('/').to_string())
@@ -76,7 +80,11 @@ impl OutputLocation {
 
     /// Writes one object; returns once the store acknowledged it (puts are atomic in every backend).
     pub async fn put(&self, key: &str, bytes: Bytes) -> Result<(), OutputError> {
-        self.store.put(&self.path(key), PutPayload::from_bytes(bytes)).await.map(|_| ()).map_err(|source| OutputError::Upload { key: key.to_string(), source })
+        self.store
+            .put(&self.path(key), PutPayload::from_bytes(bytes))
+            .await
+            .map(|_| ())
+            .map_err(|source| OutputError::Upload { key: key.to_string(), source })
     }
 
     pub async fn get(&self, key: &str) -> Result<Bytes, OutputError> {

@@ -88,7 +88,11 @@ impl Worker {
         }
     }
 
-    fn generate_blocking(&self, task: &v1::Task, stop: &CancellationToken) -> Result<(Vec<GeneratedImage>, fresco_pipeline::Resolved, serde_json::Value), PipelineError> {
+    fn generate_blocking(
+        &self,
+        task: &v1::Task,
+        stop: &CancellationToken,
+    ) -> Result<(Vec<GeneratedImage>, fresco_pipeline::Resolved, serde_json::Value), PipelineError> {
         let started = Instant::now();
         let pipe = self.models.get(&task.model)?;
         let load = started.elapsed();
@@ -141,7 +145,8 @@ impl Worker {
         let started = Instant::now();
         let task = &g.task;
         let params = params_from_proto(task.params.clone()).map_err(|e| Outcome::Fail { message: e.to_string(), retryable: false })?;
-        let location = self.outputs.get(&task.output_url).map_err(|e| Outcome::Fail { retryable: !e.is_permanent(), message: e.to_string() })?;
+        let location =
+            self.outputs.get(&task.output_url).map_err(|e| Outcome::Fail { retryable: !e.is_permanent(), message: e.to_string() })?;
         let format = params.format;
         let r = g.resolved;
         // Encoding is CPU work: keep it off the async threads, and it overlaps the next batch's denoising.
@@ -186,7 +191,8 @@ impl Worker {
         self.metrics.stage_seconds.with_label_values(&["encode_image"]).observe(encode_s);
         self.metrics.stage_seconds.with_label_values(&["upload"]).observe(started.elapsed().as_secs_f64() - encode_s);
         let n = results.len() as u64;
-        let req = v1::CompleteRequest { worker: self.config.name.clone(), task_id: task.task_id, lease_token: task.lease_token.clone(), results };
+        let req =
+            v1::CompleteRequest { worker: self.config.name.clone(), task_id: task.task_id, lease_token: task.lease_token.clone(), results };
         let mut backoff = Backoff::new();
         loop {
             match self.link.complete(req.clone()).await {
@@ -215,7 +221,13 @@ impl Worker {
     async fn report_failure(&self, task: &v1::Task, message: String, retryable: bool, abort: &CancellationToken) {
         tracing::warn!(task = task.task_id, retryable, %message, "task failed");
         self.metrics.tasks.with_label_values(&[if retryable { "failed_retryable" } else { "failed_permanent" }]).inc();
-        let req = v1::FailRequest { worker: self.config.name.clone(), task_id: task.task_id, lease_token: task.lease_token.clone(), message, retryable };
+        let req = v1::FailRequest {
+            worker: self.config.name.clone(),
+            task_id: task.task_id,
+            lease_token: task.lease_token.clone(),
+            message,
+            retryable,
+        };
         let mut backoff = Backoff::new();
         loop {
             match self.link.fail(req.clone()).await {

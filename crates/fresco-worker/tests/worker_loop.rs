@@ -74,7 +74,12 @@ fn task(id: i64, out: &Path, n: u64, steps: u32, scheduler: Option<&str>) -> v1:
         lease_token: uuid::Uuid::new_v4().to_string(),
         attempt: 1,
         model: "tiny-sd15".into(),
-        params: Some(v1::GenerationParams { steps: Some(steps), scheduler: scheduler.map(str::to_string), format: "png".into(), ..Default::default() }),
+        params: Some(v1::GenerationParams {
+            steps: Some(steps),
+            scheduler: scheduler.map(str::to_string),
+            format: "png".into(),
+            ..Default::default()
+        }),
         output_url: out.to_str().unwrap().to_string(),
         prompts: (0..n)
             .map(|i| v1::LeasedPrompt {

@@ -50,7 +50,8 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     };
     let mut messages = vec![v1::SubmitJobRequest { kind: Some(v1::submit_job_request::Kind::Header(header)) }];
     for chunk in rows.chunks(2000) {
-        let prompts = chunk.iter().map(|r| v1::Prompt { text: r.prompt.clone(), overrides: Some(overrides_to_proto(&r.overrides)) }).collect();
+        let prompts =
+            chunk.iter().map(|r| v1::Prompt { text: r.prompt.clone(), overrides: Some(overrides_to_proto(&r.overrides)) }).collect();
         messages.push(v1::SubmitJobRequest { kind: Some(v1::submit_job_request::Kind::Chunk(v1::PromptChunk { prompts })) });
     }
     let resp = client.submit_job(futures::stream::iter(messages)).await.map_err(status)?.into_inner();
@@ -122,14 +123,21 @@ pub async fn watch(args: JobArgs) -> anyhow::Result<()> {
     let mut client = connect(&args.client).await?;
     let mut stream = client.watch_job(v1::WatchJobRequest { job_id: args.job, interval_ms: 500 }).await.map_err(status)?.into_inner();
     let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len}  {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len}  {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
     let mut last = None;
     while let Some(j) = stream.message().await.map_err(status)? {
         let c = j.counts.unwrap_or_default();
         bar.set_length(j.total);
         bar.set_position(c.succeeded + c.failed + c.cancelled);
         let eta = j.eta_seconds.map(|e| format!("ETA {e:.0}s")).unwrap_or_default();
-        bar.set_message(format!("{}  {:.2} images/s  {eta}{}", state_name(j.state), j.images_per_second, if j.waiting_for_worker { "  waiting for a worker" } else { "" }));
+        bar.set_message(format!(
+            "{}  {:.2} images/s  {eta}{}",
+            state_name(j.state),
+            j.images_per_second,
+            if j.waiting_for_worker { "  waiting for a worker" } else { "" }
+        ));
         if args.json {
             println!("{}", job_json(&j));
         }
@@ -168,7 +176,11 @@ pub async fn jobs(args: JobsArgs) -> anyhow::Result<()> {
         None => 0,
     };
     let mut client = connect(&args.client).await?;
-    let r = client.list_jobs(v1::ListJobsRequest { state, page_size: args.limit, page_token: String::new() }).await.map_err(status)?.into_inner();
+    let r = client
+        .list_jobs(v1::ListJobsRequest { state, page_size: args.limit, page_token: String::new() })
+        .await
+        .map_err(status)?
+        .into_inner();
     for j in &r.jobs {
         println!("{}", if args.json { job_json(j).to_string() } else { job_line(j) });
     }
@@ -187,7 +199,10 @@ pub async fn outputs(args: JobArgs) -> anyhow::Result<()> {
         for o in &r.outputs {
             if args.json {
                 let metadata: serde_json::Value = serde_json::from_str(&o.metadata_json).context("coordinator sent malformed metadata")?;
-                println!("{}", serde_json::json!({"index": o.index, "prompt": o.prompt, "negative_prompt": o.negative_prompt, "seed": o.seed, "key": o.object_key, "url": o.url, "sha256": o.sha256, "bytes": o.bytes, "worker": o.worker, "metadata": metadata}));
+                println!(
+                    "{}",
+                    serde_json::json!({"index": o.index, "prompt": o.prompt, "negative_prompt": o.negative_prompt, "seed": o.seed, "key": o.object_key, "url": o.url, "sha256": o.sha256, "bytes": o.bytes, "worker": o.worker, "metadata": metadata})
+                );
             } else {
                 println!("{:>8}  {}  {}", o.index, o.url, o.prompt);
             }

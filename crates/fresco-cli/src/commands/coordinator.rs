@@ -101,7 +101,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         (Some(c), Some(k)) => Some(TlsFiles {
             cert_pem: std::fs::read(c).with_context(|| format!("{}: cannot read", c.display()))?,
             key_pem: std::fs::read(k).with_context(|| format!("{}: cannot read", k.display()))?,
-            client_ca_pem: args.tls_client_ca.as_ref().map(|p| std::fs::read(p).with_context(|| format!("{}: cannot read", p.display()))).transpose()?,
+            client_ca_pem: args
+                .tls_client_ca
+                .as_ref()
+                .map(|p| std::fs::read(p).with_context(|| format!("{}: cannot read", p.display())))
+                .transpose()?,
         }),
         _ => None,
     };

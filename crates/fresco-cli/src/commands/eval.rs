@@ -35,7 +35,14 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.prompts > 0, "--prompts must be positive");
     anyhow::ensure!(args.steps.iter().all(|&s| s > 0), "--steps: every step count must be positive");
-    let opts = EvalOptions { prompts: args.prompts, steps: args.steps, seed: args.seed, guidance: args.guidance, device: args.device, ..Default::default() };
+    let opts = EvalOptions {
+        prompts: args.prompts,
+        steps: args.steps,
+        seed: args.seed,
+        guidance: args.guidance,
+        device: args.device,
+        ..Default::default()
+    };
     let mut rows = Vec::new();
     let mut grid_rows = Vec::new();
     for model in &args.models {

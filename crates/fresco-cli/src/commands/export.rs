@@ -40,7 +40,11 @@ async fn fetch_outputs(args: &Args) -> anyhow::Result<(v1::Job, Vec<v1::Output>)
     let mut outputs = Vec::new();
     let mut token = String::new();
     loop {
-        let r = client.list_outputs(v1::ListOutputsRequest { job_id: args.job.clone(), page_size: 5000, page_token: token }).await.map_err(status)?.into_inner();
+        let r = client
+            .list_outputs(v1::ListOutputsRequest { job_id: args.job.clone(), page_size: 5000, page_token: token })
+            .await
+            .map_err(status)?
+            .into_inner();
         outputs.extend(r.outputs);
         if r.next_page_token.is_empty() {
             break;
@@ -97,13 +101,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let out = OutputLocation::open(&args.out)?;
     match args.format.as_str() {
         "parquet" => {
-            let rows = outputs.into_iter().map(|o| Ok(Row { key: format!("{:09}", o.index), metadata: serde_json::from_str(&o.metadata_json)?, output: o })).collect::<anyhow::Result<Vec<_>>>()?;
+            let rows = outputs
+                .into_iter()
+                .map(|o| Ok(Row { key: format!("{:09}", o.index), metadata: serde_json::from_str(&o.metadata_json)?, output: o }))
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let name = format!("{}.parquet", job.id);
             out.put(&name, Bytes::from(manifest(&rows)?)).await?;
             eprintln!("{} rows in {}", rows.len(), out.url_of(&name));
         }
         "webdataset" => {
-            let source = OutputLocation::open(&job.output_url).with_context(|| format!("cannot open the job's output {}", job.output_url))?;
+            let source =
+                OutputLocation::open(&job.output_url).with_context(|| format!("cannot open the job's output {}", job.output_url))?;
             let shards = outputs.len().div_ceil(args.shard_size);
             for (shard, chunk) in outputs.chunks(args.shard_size).enumerate() {
                 let mut tarball = tar::Builder::new(Vec::new());
@@ -119,7 +127,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     let ext = o.object_key.rsplit('.').next().unwrap_or("png");
                     let metadata: serde_json::Value = serde_json::from_str(&o.metadata_json)?;
                     tar_entry(&mut tarball, &format!("{key}.{ext}"), &image)?;
-                    tar_entry(&mut tarball, &format!("{key}.json"), &serde_json::to_vec(&serde_json::json!({"key": key, "caption": o.prompt, "index": o.index, "seed": o.seed, "sha256": o.sha256, "url": o.url, "parameters": metadata}))?)?;
+                    tar_entry(
+                        &mut tarball,
+                        &format!("{key}.json"),
+                        &serde_json::to_vec(
+                            &serde_json::json!({"key": key, "caption": o.prompt, "index": o.index, "seed": o.seed, "sha256": o.sha256, "url": o.url, "parameters": metadata}),
+                        )?,
+                    )?;
                     tar_entry(&mut tarball, &format!("{key}.txt"), o.prompt.as_bytes())?;
                     rows.push(Row { key, output: o.clone(), metadata });
                 }

@@ -59,7 +59,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     req.height = args.height;
     req.scheduler = args.scheduler.clone();
     if let Some(path) = &args.latents {
-        let mut tensors = candle_core::safetensors::load(path, pipe.device()).with_context(|| format!("{}: cannot read safetensors", path.display()))?;
+        let mut tensors =
+            candle_core::safetensors::load(path, pipe.device()).with_context(|| format!("{}: cannot read safetensors", path.display()))?;
         let latents = tensors.remove("latents").with_context(|| format!("{}: no tensor named \"latents\"", path.display()))?;
         if latents.dims().first() != Some(&n) {
             bail!("{}: latents hold {:?} images but {n} prompts were given", path.display(), latents.dims().first());

@@ -102,10 +102,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let store = Arc::new(SqliteStore::open(&out_dir.join(".fresco-run.sqlite"), QueuePolicy::default()).await?);
     store.migrate().await?;
-    let config = CoordinatorConfig { lease_ttl: Duration::from_secs(30), heartbeat_interval: Duration::from_secs(5), sweep_interval: Duration::from_secs(1), ..Default::default() };
+    let config = CoordinatorConfig {
+        lease_ttl: Duration::from_secs(30),
+        heartbeat_interval: Duration::from_secs(5),
+        sweep_interval: Duration::from_secs(1),
+        ..Default::default()
+    };
     let c = Coordinator::new(store.clone(), config);
-    let seed = if args.seed == 0 { fresco_core::derive_seed(u64::from_le_bytes(request_id.as_bytes()[4..12].try_into()?), 0) } else { args.seed };
-    let job = NewJob { model: model.clone(), params, output_url: out_url, batch_size: args.batch_size.max(1), priority: 0, seed, client_request_id: Some(request_id), max_attempts: 3 };
+    let seed =
+        if args.seed == 0 { fresco_core::derive_seed(u64::from_le_bytes(request_id.as_bytes()[4..12].try_into()?), 0) } else { args.seed };
+    let job = NewJob {
+        model: model.clone(),
+        params,
+        output_url: out_url,
+        batch_size: args.batch_size.max(1),
+        priority: 0,
+        seed,
+        client_request_id: Some(request_id),
+        max_attempts: 3,
+    };
     let job_id = match store.begin_job(job).await? {
         BeginJob::Existing(id) => {
             eprintln!("continuing job {id}");
@@ -115,7 +130,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
         BeginJob::New(mut ingest) => {
             for chunk in rows.chunks(10_000) {
-                ingest.append(chunk.iter().map(|r| NewPrompt { prompt: r.prompt.clone(), overrides: r.overrides.clone() }).collect()).await?;
+                ingest
+                    .append(chunk.iter().map(|r| NewPrompt { prompt: r.prompt.clone(), overrides: r.overrides.clone() }).collect())
+                    .await?;
             }
             ingest.commit().await?
         }
@@ -127,7 +144,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     for i in 0..args.workers.max(1) {
         let registry = Arc::new(ModelRegistry::single(model.clone(), model_dir.clone(), args.device.clone()));
         let link = Arc::new(InProcess(WorkerServiceImpl::new(c.clone(), Default::default())));
-        let config = WorkerConfig { name: format!("local-{i}"), device: format!("{:?}", args.device).to_lowercase(), lease_wait: Duration::from_millis(500), ..Default::default() };
+        let config = WorkerConfig {
+            name: format!("local-{i}"),
+            device: format!("{:?}", args.device).to_lowercase(),
+            lease_wait: Duration::from_millis(500),
+            ..Default::default()
+        };
         let w = Worker::new(config, link, registry);
         workers.push(tokio::spawn(w.run(drain.clone(), abort.clone())));
     }

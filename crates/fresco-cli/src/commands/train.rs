@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
+use fresco_pipeline::DeviceSpec;
 use fresco_tiny::train::{self, Schedule, TrainOptions};
 use fresco_tiny::{Arch, Variant};
-use fresco_pipeline::DeviceSpec;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -99,7 +99,9 @@ fn arch(args: &Args) -> anyhow::Result<Arch> {
     if let Some(c) = &args.unet_channels {
         arch.unet_channels = c.clone();
     }
-    for (flag, widths, groups) in [("--vae-channels", &arch.vae_channels, arch.vae_groups), ("--unet-channels", &arch.unet_channels, arch.unet_groups)] {
+    for (flag, widths, groups) in
+        [("--vae-channels", &arch.vae_channels, arch.vae_groups), ("--unet-channels", &arch.unet_channels, arch.unet_groups)]
+    {
         anyhow::ensure!(
             !widths.is_empty() && widths.iter().all(|&w| w > 0 && w % groups == 0),
             "{flag}: every width must be a positive multiple of {groups} (the group-norm groups)"
@@ -238,7 +240,8 @@ impl Part {
 fn prepare_model(args: &Args, opts: &TrainOptions, variant: Variant, vae_dir: &Path) -> anyhow::Result<()> {
     let dir = args.out.join(variant.folder());
     let (steps, guidance) = recipe(variant);
-    train::write_skeleton(&dir, variant, &opts.arch, &args.tokenizer, steps, guidance).with_context(|| format!("writing {}", dir.display()))?;
+    train::write_skeleton(&dir, variant, &opts.arch, &args.tokenizer, steps, guidance)
+        .with_context(|| format!("writing {}", dir.display()))?;
     copy_dir(vae_dir, &dir.join("vae"))
 }
 
@@ -333,14 +336,24 @@ mod tests {
         let vae = Path::new("/tmp/m/.vae/vae");
         let same = |c: &Args| {
             (c.out == parent.out && c.seed == 7 && c.tokenizer == parent.tokenizer && c.steps == 9 && c.batch == 3 && c.lr == 0.002)
-                && (c.pool == 5 && c.vae_channels == parent.vae_channels && c.latent_channels == Some(4) && c.unet_channels == parent.unet_channels)
+                && (c.pool == 5
+                    && c.vae_channels == parent.vae_channels
+                    && c.latent_channels == Some(4)
+                    && c.unet_channels == parent.unet_channels)
                 && (c.test_arch && c.no_round_trip && c.device == DeviceSpec::Cpu)
         };
         let flow = parse(child_args(&parent, Part::Denoiser(Variant::Flow), vae));
         assert!(same(&flow));
-        assert!(flow.variant == Which::Flow && flow.vae_from.as_deref() == Some(Path::new("/tmp/m/fresco-tiny-flow")) && flow.decoder_of.is_none());
+        assert!(
+            flow.variant == Which::Flow
+                && flow.vae_from.as_deref() == Some(Path::new("/tmp/m/fresco-tiny-flow"))
+                && flow.decoder_of.is_none()
+        );
         let decoder = parse(child_args(&parent, Part::Decoder, vae));
         assert!(same(&decoder));
-        assert!(decoder.decoder_of.as_deref() == Some(vae) && (decoder.decoder_steps, decoder.decoder_batch, decoder.latent_noise) == (11, 4, 0.25));
+        assert!(
+            decoder.decoder_of.as_deref() == Some(vae)
+                && (decoder.decoder_steps, decoder.decoder_batch, decoder.latent_noise) == (11, 4, 0.25)
+        );
     }
 }

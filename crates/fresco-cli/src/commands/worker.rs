@@ -60,10 +60,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(addr) = args.metrics_listen {
         let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
         let metrics = worker.metrics.clone();
-        let app = axum::Router::new().route("/metrics", axum::routing::get(move || {
-            let m = metrics.clone();
-            async move { m.render() }
-        }));
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let m = metrics.clone();
+                async move { m.render() }
+            }),
+        );
         let stop = abort.clone();
         tokio::spawn(async move { axum::serve(l, app).with_graceful_shutdown(stop.cancelled_owned()).await });
     }

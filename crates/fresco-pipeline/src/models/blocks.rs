@@ -58,9 +58,7 @@ pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_c
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self.0.bias() {
-            Some(bias) if bias.track_op() => {
-                broadcast::add(&candle_nn::Linear::new(self.0.weight().clone(), None).forward(x)?, bias)
-            }
+            Some(bias) if bias.track_op() => broadcast::add(&candle_nn::Linear::new(self.0.weight().clone(), None).forward(x)?, bias),
             _ => self.0.forward(x),
         }
     }
@@ -290,9 +288,7 @@ pub fn merge_heads(x: &Tensor) -> candle_core::Result<Tensor> {
 pub fn timestep_embedding(t: &Tensor, dim: usize, flip_sin_to_cos: bool, freq_shift: f64) -> candle_core::Result<Tensor> {
     let half = dim / 2;
     let device = t.device();
-    let exponent: Vec<f32> = (0..half)
-        .map(|i| (-(10000f64.ln()) * i as f64 / (half as f64 - freq_shift)).exp() as f32)
-        .collect();
+    let exponent: Vec<f32> = (0..half).map(|i| (-(10000f64.ln()) * i as f64 / (half as f64 - freq_shift)).exp() as f32).collect();
     let freqs = Tensor::from_vec(exponent, (1, half), device)?;
     let args = t.to_dtype(candle_core::DType::F32)?.unsqueeze(1)?.broadcast_mul(&freqs)?;
     let (sin, cos) = (args.sin()?, args.cos()?);
@@ -388,7 +384,11 @@ mod tests {
             let dense = candle_nn::Conv2d::new(c.0.weight().clone(), c.0.bias().cloned(), Conv2dConfig { stride: 1, ..*c.0.config() });
             let full = dense.forward(x.as_tensor()).expect("dense");
             let pick = |n: usize| Tensor::arange_step(0u32, n as u32, stride as u32, &dev).expect("pick");
-            let reference = full.index_select(&pick(full.dim(2).expect("h")), 2).expect("rows").index_select(&pick(full.dim(3).expect("w")), 3).expect("cols");
+            let reference = full
+                .index_select(&pick(full.dim(2).expect("h")), 2)
+                .expect("rows")
+                .index_select(&pick(full.dim(3).expect("w")), 3)
+                .expect("cols");
             let ours = c.forward(x.as_tensor()).expect("ours");
             assert_eq!(ours.dims(), reference.dims());
             let ours = ours.sqr().expect("sq").sum_all().expect("sum").backward().expect("bwd");

@@ -173,7 +173,10 @@ impl ClipTextModel {
         let b = ids.len();
         let n = ids.first().map(Vec::len).unwrap_or(0);
         if n == 0 || n > self.config.max_positions {
-            return Err(PipelineError::param("prompt", format!("token sequence length {n} exceeds the text encoder's {}", self.config.max_positions)));
+            return Err(PipelineError::param(
+                "prompt",
+                format!("token sequence length {n} exceeds the text encoder's {}", self.config.max_positions),
+            ));
         }
         let flat: Vec<u32> = ids.iter().flatten().copied().collect();
         if let Some(bad) = flat.iter().find(|&&t| t as usize >= self.config.vocab_size) {
@@ -208,4 +211,3 @@ fn causal_mask(n: usize, dtype: DType, device: &Device) -> candle_core::Result<T
     let mask: Vec<f32> = (0..n).flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
     Tensor::from_vec(mask, (n, n), device)?.to_dtype(dtype)?.unsqueeze(0)?.unsqueeze(0)
 }
-

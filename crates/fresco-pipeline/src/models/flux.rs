@@ -7,7 +7,9 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
-use super::blocks::{attention, layer_norm_plain, linear, merge_heads, modulate, qk_heads, split_heads, timestep_embedding, FeedForward, Linear, Mlp, QkNorm};
+use super::blocks::{
+    attention, layer_norm_plain, linear, merge_heads, modulate, qk_heads, split_heads, timestep_embedding, FeedForward, Linear, Mlp, QkNorm,
+};
 use crate::error::{PipelineError, Result};
 use crate::loader::{Config, Weights};
 
@@ -126,7 +128,8 @@ impl DoubleBlock {
         let x = (x + attn_x.broadcast_mul(&m[2].unsqueeze(1)?)?)?;
         let x = (&x + self.ff.forward(&modulate(&layer_norm_plain(&x, 1e-6)?, &m[3], &m[4])?)?.broadcast_mul(&m[5].unsqueeze(1)?)?)?;
         let ctx = (ctx + attn_ctx.broadcast_mul(&c[2].unsqueeze(1)?)?)?;
-        let ctx = (&ctx + self.ff_context.forward(&modulate(&layer_norm_plain(&ctx, 1e-6)?, &c[3], &c[4])?)?.broadcast_mul(&c[5].unsqueeze(1)?)?)?;
+        let ctx = (&ctx
+            + self.ff_context.forward(&modulate(&layer_norm_plain(&ctx, 1e-6)?, &c[3], &c[4])?)?.broadcast_mul(&c[5].unsqueeze(1)?)?)?;
         Ok((x, ctx))
     }
 }
@@ -199,8 +202,12 @@ impl Flux {
             time: Mlp::new(256, dim, t.pp("timestep_embedder"))?,
             guidance: if cfg.guidance_embeds { Some(Mlp::new(256, dim, t.pp("guidance_embedder"))?) } else { None },
             text: Mlp::new(cfg.pooled_projection_dim, dim, t.pp("text_embedder"))?,
-            double: (0..cfg.layers).map(|i| DoubleBlock::new(dim, cfg.heads, cfg.head_dim, vb.pp(format!("transformer_blocks.{i}")))).collect::<candle_core::Result<_>>()?,
-            single: (0..cfg.single_layers).map(|i| SingleBlock::new(dim, cfg.heads, cfg.head_dim, vb.pp(format!("single_transformer_blocks.{i}")))).collect::<candle_core::Result<_>>()?,
+            double: (0..cfg.layers)
+                .map(|i| DoubleBlock::new(dim, cfg.heads, cfg.head_dim, vb.pp(format!("transformer_blocks.{i}"))))
+                .collect::<candle_core::Result<_>>()?,
+            single: (0..cfg.single_layers)
+                .map(|i| SingleBlock::new(dim, cfg.heads, cfg.head_dim, vb.pp(format!("single_transformer_blocks.{i}"))))
+                .collect::<candle_core::Result<_>>()?,
             norm_out: linear(dim, 2 * dim, vb.pp("norm_out.linear"))?,
             proj_out: linear(dim, cfg.out_channels, vb.pp("proj_out"))?,
             config: cfg,
@@ -209,7 +216,8 @@ impl Flux {
 
     /// cos/sin `[1, 1, N, head_dim]` for text positions (all zero ids) followed by the image grid.
     fn rotary(&self, n_txt: usize, gh: usize, gw: usize, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
-        let ids: Vec<[f64; 3]> = (0..n_txt).map(|_| [0.0; 3]).chain((0..gh).flat_map(|r| (0..gw).map(move |c| [0.0, r as f64, c as f64]))).collect();
+        let ids: Vec<[f64; 3]> =
+            (0..n_txt).map(|_| [0.0; 3]).chain((0..gh).flat_map(|r| (0..gw).map(move |c| [0.0, r as f64, c as f64]))).collect();
         let d = self.config.head_dim;
         let (mut cos, mut sin) = (Vec::with_capacity(ids.len() * d), Vec::with_capacity(ids.len() * d));
         for id in &ids {
@@ -231,7 +239,16 @@ impl Flux {
 
     /// Velocity for packed latents `[B, (H/2)(W/2), 4C]` on a `gh × gw` grid at `timestep` (sigma × 1000).
     #[allow(clippy::too_many_arguments)]
-    pub fn forward(&self, x: &Tensor, gh: usize, gw: usize, timestep: f64, context: &Tensor, pooled: &Tensor, guidance: Option<f64>) -> candle_core::Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        gh: usize,
+        gw: usize,
+        timestep: f64,
+        context: &Tensor,
+        pooled: &Tensor,
+        guidance: Option<f64>,
+    ) -> candle_core::Result<Tensor> {
         let b = x.dim(0)?;
         let device = x.device();
         let dtype = x.dtype();
@@ -271,4 +288,3 @@ pub fn unpack(x: &Tensor, c: usize, h: usize, w: usize) -> candle_core::Result<T
     let b = x.dim(0)?;
     x.reshape((b, h / 2, w / 2, c, 2, 2))?.permute((0, 3, 1, 4, 2, 5))?.reshape((b, c, h, w))
 }
-

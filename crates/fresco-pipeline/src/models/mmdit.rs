@@ -9,7 +9,10 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
-use super::blocks::{attention, conv, layer_norm_plain, linear, merge_heads, modulate, qk_heads, split_heads, timestep_embedding, Conv2d, FeedForward, Linear, Mlp, QkNorm};
+use super::blocks::{
+    attention, conv, layer_norm_plain, linear, merge_heads, modulate, qk_heads, split_heads, timestep_embedding, Conv2d, FeedForward,
+    Linear, Mlp, QkNorm,
+};
 use crate::error::{PipelineError, Result};
 use crate::loader::{Config, Weights};
 
@@ -39,13 +42,19 @@ impl MmditConfig {
             None => false,
             Some("rms_norm") => true,
             Some(other) => {
-                return Err(PipelineError::config(path, format!("field \"qk_norm\": {other:?} is not supported (SD3.5 uses \"rms_norm\")")));
+                return Err(PipelineError::config(
+                    path,
+                    format!("field \"qk_norm\": {other:?} is not supported (SD3.5 uses \"rms_norm\")"),
+                ));
             }
         };
         let layers = c.usize("num_layers")?;
         let dual_attention_layers = if c.raw("dual_attention_layers").is_some() { c.usizes("dual_attention_layers")? } else { Vec::new() };
         if let Some(bad) = dual_attention_layers.iter().find(|&&i| i >= layers) {
-            return Err(PipelineError::config(path, format!("field \"dual_attention_layers\": block {bad} does not exist (num_layers is {layers})")));
+            return Err(PipelineError::config(
+                path,
+                format!("field \"dual_attention_layers\": block {bad} does not exist (num_layers is {layers})"),
+            ));
         }
         let heads = c.usize("num_attention_heads")?;
         let head_dim = c.usize("attention_head_dim")?;
@@ -240,7 +249,8 @@ impl Mmdit {
         let pos = self.pos_embed.reshape((max, max, dim))?.narrow(0, top, gh)?.narrow(1, left, gw)?.reshape((1, gh * gw, dim))?;
         let mut x = x.broadcast_add(&pos)?;
         let t = Tensor::full(timestep as f32, b, latents.device())?;
-        let temb = (self.time.forward(&timestep_embedding(&t, 256, true, 0.0)?.to_dtype(latents.dtype())?)? + self.text.forward(pooled)?)?;
+        let temb =
+            (self.time.forward(&timestep_embedding(&t, 256, true, 0.0)?.to_dtype(latents.dtype())?)? + self.text.forward(pooled)?)?;
         let mut ctx = Some(self.context_embedder.forward(context)?);
         for block in &self.blocks {
             let c = ctx.take().ok_or_else(|| candle_core::Error::Msg("text stream ended before the last block".into()))?;

@@ -7,7 +7,10 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
-use super::blocks::{attention, conv, group_norm, linear, linear_no_bias, merge_heads, split_heads, timestep_embedding, Conv2d, Downsample, GroupNorm, LayerNorm, Linear, ResnetBlock, Upsample};
+use super::blocks::{
+    attention, conv, group_norm, linear, linear_no_bias, merge_heads, split_heads, timestep_embedding, Conv2d, Downsample, GroupNorm,
+    LayerNorm, Linear, ResnetBlock, Upsample,
+};
 use crate::error::{PipelineError, Result};
 use crate::loader::{Config, Weights};
 
@@ -59,7 +62,8 @@ impl UNetConfig {
                 Err(err(format!("block type {name:?} is not supported")))
             }
         };
-        let down = c.strings("down_block_types")?.iter().map(|s| kind(s, "DownBlock2D", "CrossAttnDownBlock2D")).collect::<Result<Vec<_>>>()?;
+        let down =
+            c.strings("down_block_types")?.iter().map(|s| kind(s, "DownBlock2D", "CrossAttnDownBlock2D")).collect::<Result<Vec<_>>>()?;
         let up = c.strings("up_block_types")?.iter().map(|s| kind(s, "UpBlock2D", "CrossAttnUpBlock2D")).collect::<Result<Vec<_>>>()?;
         if down.len() != n || up.len() != n {
             return Err(err("down_block_types, up_block_types and block_out_channels must have the same length".into()));
@@ -213,7 +217,12 @@ impl SpatialTransformer {
         let blocks = (0..depth)
             .map(|i| BasicTransformerBlock::new(channels, heads, context_dim, vb.pp(format!("transformer_blocks.{i}"))))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Self { norm: group_norm(cfg.norm_groups, channels, 1e-6, vb.pp("norm"))?, proj_in: proj("proj_in")?, blocks, proj_out: proj("proj_out")? })
+        Ok(Self {
+            norm: group_norm(cfg.norm_groups, channels, 1e-6, vb.pp("norm"))?,
+            proj_in: proj("proj_in")?,
+            blocks,
+            proj_out: proj("proj_out")?,
+        })
     }
 
     fn forward(&self, x: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
@@ -305,7 +314,8 @@ impl UNet {
             Some((_, input)) => Some(TimestepMlp::new(input, temb, vb.pp("add_embedding"))?),
             None => None,
         };
-        let resnet = |i: usize, o: usize, scale: f64, vb: VarBuilder| ResnetBlock::new(i, o, Some(temb), cfg.norm_groups, cfg.norm_eps, scale, vb);
+        let resnet =
+            |i: usize, o: usize, scale: f64, vb: VarBuilder| ResnetBlock::new(i, o, Some(temb), cfg.norm_groups, cfg.norm_eps, scale, vb);
 
         let mut down = Vec::with_capacity(n);
         let mut out_c = bo[0];
@@ -318,7 +328,14 @@ impl UNet {
             for j in 0..cfg.layers_per_block[i] {
                 resnets.push(resnet(if j == 0 { in_c } else { out_c }, out_c, 1.0, vb.pp(format!("resnets.{j}")))?);
                 if cfg.down[i] == BlockKind::CrossAttn {
-                    attentions.push(SpatialTransformer::new(out_c, cfg.heads[i], cfg.transformer_depth[i], cfg.cross_attention_dim[i], &cfg, vb.pp(format!("attentions.{j}")))?);
+                    attentions.push(SpatialTransformer::new(
+                        out_c,
+                        cfg.heads[i],
+                        cfg.transformer_depth[i],
+                        cfg.cross_attention_dim[i],
+                        &cfg,
+                        vb.pp(format!("attentions.{j}")),
+                    )?);
                 }
             }
             let downsample = if i + 1 < n { Some(Downsample::new(out_c, cfg.downsample_padding, vb.pp("downsamplers.0"))?) } else { None };
@@ -329,7 +346,14 @@ impl UNet {
         let last = bo[n - 1];
         let mid = MidBlock {
             resnets: vec![resnet(last, last, cfg.mid_scale, mvb.pp("resnets.0"))?, resnet(last, last, cfg.mid_scale, mvb.pp("resnets.1"))?],
-            attention: SpatialTransformer::new(last, cfg.heads[n - 1], cfg.transformer_depth[n - 1], cfg.cross_attention_dim[n - 1], &cfg, mvb.pp("attentions.0"))?,
+            attention: SpatialTransformer::new(
+                last,
+                cfg.heads[n - 1],
+                cfg.transformer_depth[n - 1],
+                cfg.cross_attention_dim[n - 1],
+                &cfg,
+                mvb.pp("attentions.0"),
+            )?,
         };
 
         let rev = |v: &Vec<usize>| v.iter().rev().copied().collect::<Vec<_>>();
@@ -350,7 +374,14 @@ impl UNet {
                 let res_in = if j == 0 { prev_out } else { out_c };
                 resnets.push(resnet(res_in + skip, out_c, 1.0, vb.pp(format!("resnets.{j}")))?);
                 if cfg.up[i] == BlockKind::CrossAttn {
-                    attentions.push(SpatialTransformer::new(out_c, rheads[i], rdepth[i], rcross[i], &cfg, vb.pp(format!("attentions.{j}")))?);
+                    attentions.push(SpatialTransformer::new(
+                        out_c,
+                        rheads[i],
+                        rdepth[i],
+                        rcross[i],
+                        &cfg,
+                        vb.pp(format!("attentions.{j}")),
+                    )?);
                 }
             }
             let upsample = if i + 1 < n { Some(Upsample::new(out_c, vb.pp("upsamplers.0"))?) } else { None };
@@ -375,7 +406,8 @@ impl UNet {
         let mut emb = self.time_embedding.forward(&t_emb)?;
         if let (Some(add), Some((time_dim, _)), Some(extra)) = (&self.add_embedding, cfg.text_time, extra) {
             let ids = extra.time_ids.flatten_all()?;
-            let time = timestep_embedding(&ids, time_dim, cfg.flip_sin_to_cos, cfg.freq_shift)?.reshape((b, ()))?.to_dtype(sample.dtype())?;
+            let time =
+                timestep_embedding(&ids, time_dim, cfg.flip_sin_to_cos, cfg.freq_shift)?.reshape((b, ()))?.to_dtype(sample.dtype())?;
             let add_in = Tensor::cat(&[extra.text_embeds, &time], 1)?;
             emb = (emb + add.forward(&add_in)?)?;
         }

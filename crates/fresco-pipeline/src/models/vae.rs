@@ -6,7 +6,9 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
-use super::blocks::{attention, conv, group_norm, linear, merge_heads, split_heads, Conv2d, Downsample, GroupNorm, Linear, ResnetBlock, Upsample};
+use super::blocks::{
+    attention, conv, group_norm, linear, merge_heads, split_heads, Conv2d, Downsample, GroupNorm, Linear, ResnetBlock, Upsample,
+};
 use crate::error::{PipelineError, Result};
 use crate::loader::{Config, Weights};
 
@@ -170,7 +172,8 @@ type MidBlock = ([ResnetBlock; 2], Option<SpatialSelfAttention>);
 fn mid_block(cfg: &VaeConfig, c: usize, vb: &VarBuilder) -> candle_core::Result<MidBlock> {
     let resnet = |vb| ResnetBlock::new(c, c, None, cfg.norm_groups, 1e-6, 1.0, vb);
     let resnets = [resnet(vb.pp("mid_block.resnets.0"))?, resnet(vb.pp("mid_block.resnets.1"))?];
-    let attention = if cfg.mid_attention { Some(SpatialSelfAttention::new(c, cfg.norm_groups, vb.pp("mid_block.attentions.0"))?) } else { None };
+    let attention =
+        if cfg.mid_attention { Some(SpatialSelfAttention::new(c, cfg.norm_groups, vb.pp("mid_block.attentions.0"))?) } else { None };
     Ok((resnets, attention))
 }
 
@@ -210,7 +213,17 @@ impl VaeEncoder {
             out_c = c;
             let b = e.pp(format!("down_blocks.{i}"));
             let resnets = (0..cfg.layers_per_block)
-                .map(|j| ResnetBlock::new(if j == 0 { prev } else { out_c }, out_c, None, cfg.norm_groups, 1e-6, 1.0, b.pp(format!("resnets.{j}"))))
+                .map(|j| {
+                    ResnetBlock::new(
+                        if j == 0 { prev } else { out_c },
+                        out_c,
+                        None,
+                        cfg.norm_groups,
+                        1e-6,
+                        1.0,
+                        b.pp(format!("resnets.{j}")),
+                    )
+                })
                 .collect::<candle_core::Result<Vec<_>>>()?;
             // The encoder's downsamplers pad right/bottom by one (downsample_padding=0).
             let downsample = if i + 1 < bo.len() { Some(Downsample::new(out_c, 0, b.pp("downsamplers.0"))?) } else { None };

@@ -39,11 +39,7 @@ impl DpmSolverPp2m {
         let spacing = Spacing::parse(config, "linspace")?;
         let offset = config.usize_or("steps_offset", 0)?;
         let mut timesteps: Vec<f64> = match spacing {
-            Spacing::Linspace => (0..=steps)
-                .map(|i| (i as f64 * (n - 1) as f64 / steps as f64).round())
-                .rev()
-                .take(steps)
-                .collect(),
+            Spacing::Linspace => (0..=steps).map(|i| (i as f64 * (n - 1) as f64 / steps as f64).round()).rev().take(steps).collect(),
             Spacing::Leading => {
                 let ratio = n / (steps + 1);
                 (0..=steps).map(|i| (i * ratio) as f64).rev().take(steps).map(|t| t + offset as f64).collect()

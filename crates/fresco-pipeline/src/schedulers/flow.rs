@@ -58,7 +58,9 @@ impl FlowEuler {
             }
         };
         let sigmas: Vec<f64> = if dynamic {
-            let mu = shift.and_then(|f| f.mu).ok_or_else(|| PipelineError::config(&config.path, "use_dynamic_shifting needs the pipeline's mu"))?;
+            let mu = shift
+                .and_then(|f| f.mu)
+                .ok_or_else(|| PipelineError::config(&config.path, "use_dynamic_shifting needs the pipeline's mu"))?;
             match config.str_or("time_shift_type", "exponential")? {
                 "exponential" => sigmas.iter().map(|t| mu.exp() / (mu.exp() + (1.0 / t - 1.0))).collect(),
                 "linear" => sigmas.iter().map(|t| mu / (mu + (1.0 / t - 1.0))).collect(),

@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 
 use super::ddim::split_prediction;
-use super::schedule::{NoiseSchedule, Prediction, Defaults};
+use super::schedule::{Defaults, NoiseSchedule, Prediction};
 use super::{axpby, Scheduler};
 use crate::error::{PipelineError, Result};
 use crate::loader::Config;
@@ -31,9 +31,7 @@ impl Lcm {
         }
         let k = n / original;
         let origin: Vec<i64> = (1..=original).rev().map(|i| (i * k) as i64 - 1).collect();
-        let timesteps = (0..steps)
-            .map(|i| origin[(i as f64 * origin.len() as f64 / steps as f64).floor() as usize] as f64)
-            .collect();
+        let timesteps = (0..steps).map(|i| origin[(i as f64 * origin.len() as f64 / steps as f64).floor() as usize] as f64).collect();
         let final_alpha = if config.bool_or("set_alpha_to_one", true)? { 1.0 } else { schedule.alphas_cumprod[0] };
         let clip_sample = if config.bool_or("clip_sample", false)? { Some(config.f64_or("clip_sample_range", 1.0)?) } else { None };
         if config.bool_or("thresholding", false)? {

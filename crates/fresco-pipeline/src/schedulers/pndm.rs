@@ -32,9 +32,9 @@ impl Pndm {
         // Ascending base timesteps as diffusers' `_timesteps`.
         let base: Vec<i64> = match spacing {
             Spacing::Leading => (0..steps).map(|i| (i * (n / steps) + offset) as i64).collect(),
-            Spacing::Linspace => (0..steps)
-                .map(|i| if steps == 1 { 0 } else { (i as f64 * (n - 1) as f64 / (steps - 1) as f64).round() as i64 })
-                .collect(),
+            Spacing::Linspace => {
+                (0..steps).map(|i| if steps == 1 { 0 } else { (i as f64 * (n - 1) as f64 / (steps - 1) as f64).round() as i64 }).collect()
+            }
             Spacing::Trailing => {
                 let ratio = n as f64 / steps as f64;
                 let mut v: Vec<i64> = (0..steps).map(|i| (n as f64 - i as f64 * ratio).round() as i64 - 1).collect();

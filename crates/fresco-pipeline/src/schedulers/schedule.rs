@@ -108,10 +108,9 @@ impl NoiseSchedule {
     pub fn spaced_timesteps(&self, spacing: Spacing, steps: usize, offset: usize) -> Vec<f64> {
         let n = self.train_steps;
         match spacing {
-            Spacing::Linspace => (0..steps)
-                .map(|i| if steps == 1 { 0.0 } else { (i as f64 * (n - 1) as f64 / (steps - 1) as f64).round() })
-                .rev()
-                .collect(),
+            Spacing::Linspace => {
+                (0..steps).map(|i| if steps == 1 { 0.0 } else { (i as f64 * (n - 1) as f64 / (steps - 1) as f64).round() }).rev().collect()
+            }
             Spacing::Leading => {
                 let ratio = n / steps;
                 (0..steps).map(|i| (i * ratio + offset) as f64).rev().collect()
@@ -215,7 +214,11 @@ mod tests {
 
     #[test]
     fn scaled_linear_cumprod_matches_known_values() {
-        let s = NoiseSchedule::from_config(&cfg(json!({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012})), &DIFFUSERS_DEFAULTS).unwrap();
+        let s = NoiseSchedule::from_config(
+            &cfg(json!({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012})),
+            &DIFFUSERS_DEFAULTS,
+        )
+        .unwrap();
         // Values from diffusers (float64) for SD's schedule.
         assert!((s.alphas_cumprod[0] - 0.99915).abs() < 1e-7);
         assert!((s.alphas_cumprod[999] - 0.0046600).abs() < 1e-6, "{}", s.alphas_cumprod[999]);
