@@ -47,7 +47,7 @@ pub struct Arch {
 impl Default for Arch {
     fn default() -> Self {
         Self {
-            vae_channels: vec![8, 16, 32, 32],
+            vae_channels: vec![16, 16, 32, 32],
             vae_groups: 2,
             latent_channels: 8,
             text_hidden: 64,
