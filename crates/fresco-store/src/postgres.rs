@@ -15,7 +15,7 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use crate::ingest::{prepare_prompts, PreparedPrompt};
-use crate::rows::{output_row, worker_row};
+use crate::rows::{leased_prompt, output_row, worker_row};
 use crate::tx::{check_fence, empty_job, finish, rollback};
 use crate::*;
 
@@ -450,16 +450,7 @@ impl JobStore for PgStore {
         .fetch_all(&self.pool)
         .await?
         .iter()
-        .map(|p| {
-            let extra: Option<Json<BTreeMap<String, String>>> = p.try_get("extra")?;
-            Ok(LeasedPrompt {
-                index: p.try_get::<i64, _>("idx")? as u64,
-                prompt: p.try_get("prompt")?,
-                negative_prompt: p.try_get::<Option<String>, _>("negative_prompt")?.or_else(|| job_params.negative_prompt.clone()),
-                seed: p.try_get::<i64, _>("seed")? as u64,
-                extra: extra.map(|e| e.0).unwrap_or_default(),
-            })
-        })
+        .map(|p| leased_prompt(p, &job_params.negative_prompt))
         .collect::<StoreResult<Vec<_>>>()?;
         Ok(Some(row_to_leased(&row, prompts)?))
     }

@@ -3,7 +3,9 @@
 use sqlx::types::Json;
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
-use crate::{OutputRow, StoreResult, WorkerInfo};
+use std::collections::BTreeMap;
+
+use crate::{LeasedPrompt, OutputRow, StoreResult, WorkerInfo};
 
 /// An `outputs` row joined with its prompt.
 pub(crate) fn output_row<'r, R>(r: &'r R) -> StoreResult<OutputRow>
@@ -46,5 +48,25 @@ where
         device: r.try_get("device")?,
         max_batch: max_batch as u32,
         loaded_model: r.try_get("loaded_model")?,
+    })
+}
+
+/// A `prompts` row as a worker receives it; a prompt without a negative prompt of its own takes the job's.
+pub(crate) fn leased_prompt<'r, R>(r: &'r R, job_negative: &Option<String>) -> StoreResult<LeasedPrompt>
+where
+    R: Row,
+    &'r str: ColumnIndex<R>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    Option<String>: Decode<'r, R::Database> + Type<R::Database>,
+    Option<Json<BTreeMap<String, String>>>: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let extra: Option<Json<BTreeMap<String, String>>> = r.try_get("extra")?;
+    Ok(LeasedPrompt {
+        index: r.try_get::<i64, _>("idx")? as u64,
+        prompt: r.try_get("prompt")?,
+        negative_prompt: r.try_get::<Option<String>, _>("negative_prompt")?.or_else(|| job_negative.clone()),
+        seed: r.try_get::<i64, _>("seed")? as u64,
+        extra: extra.map(|e| e.0).unwrap_or_default(),
     })
 }

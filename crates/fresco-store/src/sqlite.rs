@@ -1,7 +1,6 @@
 //! The embedded store behind `fresco run`: one SQLite file (or memory), one process. Same semantics as
 //! the PostgreSQL store; SQLite serialises writers, so claims need no row locks. Times are Unix ms.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -16,7 +15,7 @@ use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 use uuid::Uuid;
 
 use crate::ingest::{prepare_prompts, PreparedPrompt};
-use crate::rows::{output_row, worker_row};
+use crate::rows::{leased_prompt, output_row, worker_row};
 use crate::tx::{check_fence, empty_job, finish, rollback};
 use crate::*;
 
@@ -420,16 +419,7 @@ impl JobStore for SqliteStore {
         .fetch_all(&self.pool)
         .await?
         .iter()
-        .map(|p| {
-            let extra: Option<Json<BTreeMap<String, String>>> = p.try_get("extra")?;
-            Ok(LeasedPrompt {
-                index: p.try_get::<i64, _>("idx")? as u64,
-                prompt: p.try_get("prompt")?,
-                negative_prompt: p.try_get::<Option<String>, _>("negative_prompt")?.or_else(|| job_params.negative_prompt.clone()),
-                seed: p.try_get::<i64, _>("seed")? as u64,
-                extra: extra.map(|e| e.0).unwrap_or_default(),
-            })
-        })
+        .map(|p| leased_prompt(p, &job_params.negative_prompt))
         .collect::<StoreResult<Vec<_>>>()?;
         sqlx::query("UPDATE jobs SET state = 'running', started_at = ? WHERE id = ? AND state = 'queued'")
             .bind(now)
