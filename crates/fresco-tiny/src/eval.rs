@@ -55,18 +55,21 @@ pub struct Adherence {
 
 impl Adherence {
     pub fn of(prompts: &[Prompt], verdicts: &[Verdict]) -> Self {
-        let rate = |keep: &dyn Fn(&Prompt) -> bool| {
-            let v: Vec<_> = prompts.iter().zip(verdicts).filter(|(p, _)| keep(p)).collect();
-            v.iter().filter(|(_, v)| v.adherent).count() as f64 / v.len().max(1) as f64
-        };
-        let adherent: Vec<_> = verdicts.iter().filter(|v| v.adherent).collect();
+        let rate =
+            |keep: &dyn Fn(&Prompt) -> bool| fraction(prompts.iter().zip(verdicts).filter(|(p, _)| keep(p)).map(|(_, v)| v.adherent));
         Self {
             one: rate(&|p| p.objects.len() == 1),
             one_by_shape: Shape::ALL.map(|s| rate(&|p| p.objects.len() == 1 && p.objects[0].shape == s)),
             two: rate(&|p| p.objects.len() == 2),
-            sizes: adherent.iter().filter(|v| v.sizes_right).count() as f64 / adherent.len().max(1) as f64,
+            sizes: fraction(verdicts.iter().filter(|v| v.adherent).map(|v| v.sizes_right)),
         }
     }
+}
+
+/// The fraction of `items` that are true (0 when there are none).
+fn fraction(items: impl Iterator<Item = bool>) -> f64 {
+    let (hits, n) = items.fold((0usize, 0usize), |(hits, n), b| (hits + usize::from(b), n + 1));
+    hits as f64 / n.max(1) as f64
 }
 
 /// The held-out prompts an evaluation uses: `n` of each kind, the same for every model.
