@@ -31,7 +31,49 @@ pub struct Verdict {
     /// Every object also has the prompt's size (checked apart: the goal is about adherence).
     pub sizes_right: bool,
     /// What was wrong first, for the evaluation's report.
-    pub problem: Option<String>,
+    pub problem: Option<Problem>,
+}
+
+/// The kinds of thing an image can get wrong, in the order [`check`] looks for them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProblemKind {
+    /// The background is not the prompt's colour.
+    Background,
+    /// An object phrase's colour comes out in too few or too many objects.
+    Count,
+    /// As many objects of the phrase's colour as it asks for, but not all of its shape.
+    Shape,
+    /// The right objects, one of them outside the phrase's third.
+    Position,
+    /// Everything asked for is there, and something more.
+    Unexpected,
+}
+
+impl ProblemKind {
+    pub const ALL: [Self; 5] = [Self::Background, Self::Count, Self::Shape, Self::Position, Self::Unexpected];
+
+    pub fn word(self) -> &'static str {
+        match self {
+            Self::Background => "background",
+            Self::Count => "count",
+            Self::Shape => "shape",
+            Self::Position => "position",
+            Self::Unexpected => "unexpected",
+        }
+    }
+}
+
+/// The first thing found wrong with an image: its kind, for tallies, and what exactly, for people.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    pub kind: ProblemKind,
+    pub detail: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.detail)
+    }
 }
 
 fn label(px: [u8; 3]) -> Option<Label> {
@@ -175,28 +217,33 @@ fn size_of(half: f64) -> Size {
 /// Checks an image against its prompt.
 pub fn check(prompt: &Prompt, image: &Image) -> Verdict {
     let (background, found) = detect(image);
-    let fail = |p: String| Verdict { adherent: false, sizes_right: false, problem: Some(p) };
+    let fail = |kind, detail| Verdict { adherent: false, sizes_right: false, problem: Some(Problem { kind, detail }) };
     if background != Some(prompt.background) {
         let name = |l: Option<Label>| match l {
             Some(Some(c)) => c.word(),
             Some(None) => "grey",
             None => "unclear",
         };
-        return fail(format!("background is {}, not {}", name(background), name(Some(prompt.background))));
+        return fail(ProblemKind::Background, format!("background is {}, not {}", name(background), name(Some(prompt.background))));
     }
     let mut used = vec![false; found.len()];
     let mut sizes_right = true;
     for o in &prompt.objects {
         let mine: Vec<usize> = (0..found.len()).filter(|&i| found[i].color == o.color && found[i].shape == Some(o.shape)).collect();
         if mine.len() != o.count.n() {
-            return fail(format!("{} {} {}: found {}", o.count.n(), o.color.word(), o.shape.word(true), mine.len()));
+            let same_colour = found.iter().filter(|f| f.color == o.color).count();
+            let kind = if same_colour == o.count.n() { ProblemKind::Shape } else { ProblemKind::Count };
+            return fail(kind, format!("{} {} {}: found {}", o.count.n(), o.color.word(), o.shape.word(true), mine.len()));
         }
         for &i in &mine {
             used[i] = true;
             let f = found[i];
             if let Some(p) = o.position {
                 if !p.contains(f.cx, f.cy, image.side as f64) {
-                    return fail(format!("{} {} at ({:.0}, {:.0}) is not {}", o.color.word(), o.shape.word(false), f.cx, f.cy, p.words()));
+                    return fail(
+                        ProblemKind::Position,
+                        format!("{} {} at ({:.0}, {:.0}) is not {}", o.color.word(), o.shape.word(false), f.cx, f.cy, p.words()),
+                    );
                 }
             }
             sizes_right &= size_of(f.half) == o.size;
@@ -204,7 +251,10 @@ pub fn check(prompt: &Prompt, image: &Image) -> Verdict {
     }
     if let Some(i) = used.iter().position(|u| !u) {
         let f = found[i];
-        return fail(format!("unexpected {} {} at ({:.0}, {:.0})", f.color.word(), f.shape.map_or("blob", |s| s.word(false)), f.cx, f.cy));
+        return fail(
+            ProblemKind::Unexpected,
+            format!("unexpected {} {} at ({:.0}, {:.0})", f.color.word(), f.shape.map_or("blob", |s| s.word(false)), f.cx, f.cy),
+        );
     }
     Verdict { adherent: true, sizes_right, problem: None }
 }
@@ -240,7 +290,32 @@ mod tests {
         // An empty canvas of the right background has no objects.
         let empty = paint(prompt.background_rgb(), &[]);
         let v = check(&prompt, &empty);
-        assert!(!v.adherent && v.problem.as_deref().unwrap_or("").contains("found 0"), "{v:?}");
+        assert!(!v.adherent && v.problem.as_ref().is_some_and(|p| p.kind == ProblemKind::Count && p.detail.contains("found 0")), "{v:?}");
+    }
+
+    /// Each way of going wrong is told apart: one prompt, one painted mistake each.
+    #[test]
+    fn problems_are_classified_by_kind() {
+        use crate::grammar::{Count, Object};
+        let circle_left =
+            Object { count: Count::A, size: Size::Default, color: Color::Red, shape: Shape::Circle, position: Some(Position::Left) };
+        let prompt = Prompt { objects: vec![circle_left], background: None };
+        let red = |shape, cx| Placed { color: Color::Red, shape, cx, cy: 32.0, half: 9.0 };
+        let blue_square = Placed { color: Color::Blue, shape: Shape::Square, cx: 48.0, cy: 12.0, half: 6.0 };
+        let cases = [
+            (paint(GREY, &[red(Shape::Circle, 12.0)]), None),
+            (paint(Color::Blue.rgb(), &[red(Shape::Circle, 12.0)]), Some(ProblemKind::Background)),
+            (paint(GREY, &[]), Some(ProblemKind::Count)),
+            (paint(GREY, &[red(Shape::Circle, 12.0), red(Shape::Circle, 48.0)]), Some(ProblemKind::Count)),
+            (paint(GREY, &[red(Shape::Square, 12.0)]), Some(ProblemKind::Shape)),
+            (paint(GREY, &[red(Shape::Circle, 48.0)]), Some(ProblemKind::Position)),
+            (paint(GREY, &[red(Shape::Circle, 12.0), blue_square]), Some(ProblemKind::Unexpected)),
+        ];
+        for (i, (image, want)) in cases.iter().enumerate() {
+            let v = check(&prompt, image);
+            assert_eq!(v.problem.as_ref().map(|p| p.kind), *want, "case {i}: {v:?}");
+            assert_eq!(v.adherent, want.is_none(), "case {i}");
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use fresco_pipeline::{DeviceSpec, GeneratedImage, Pipeline, Request};
 
-use crate::analyze::{check, Verdict};
+use crate::analyze::{check, ProblemKind, Verdict};
 use crate::error::Result;
 use crate::grammar::{Prompt, Shape};
 use crate::render::{sample_scene, Image, SIDE};
@@ -51,6 +51,9 @@ pub struct Adherence {
     pub two: f64,
     /// Fraction of adherent images whose objects also have the right size.
     pub sizes: f64,
+    /// Images that failed, by the first problem found, in [`ProblemKind::ALL`]'s order: what a recipe
+    /// change should aim at.
+    pub failures: [usize; ProblemKind::ALL.len()],
 }
 
 impl Adherence {
@@ -62,6 +65,7 @@ impl Adherence {
             one_by_shape: Shape::ALL.map(|s| rate(&|p| p.objects.len() == 1 && p.objects[0].shape == s)),
             two: rate(&|p| p.objects.len() == 2),
             sizes: fraction(verdicts.iter().filter(|v| v.adherent).map(|v| v.sizes_right)),
+            failures: ProblemKind::ALL.map(|k| verdicts.iter().filter(|v| v.problem.as_ref().is_some_and(|p| p.kind == k)).count()),
         }
     }
 }
@@ -142,6 +146,18 @@ pub fn table(rows: &[Row]) -> String {
     s
 }
 
+/// Why the images of each row failed: counts by the first problem found, out of all its prompts.
+pub fn failure_table(rows: &[Row], prompts: usize) -> String {
+    let kinds = ProblemKind::ALL.map(ProblemKind::word);
+    let mut s = format!("| model | steps | {} |\n|---|---:|{}\n", kinds.join(" | "), "---:|".repeat(kinds.len()));
+    for r in rows {
+        let counts: Vec<String> = r.adherence.failures.iter().map(|n| n.to_string()).collect();
+        s.push_str(&format!("| {} | {} | {} |\n", r.model, r.steps, counts.join(" | ")));
+    }
+    s.push_str(&format!("(failed images of {prompts} per row, by the first problem found)\n"));
+    s
+}
+
 /// Tiles rows of equally sized images into one picture (a row per model and step count), with a
 /// one-pixel white rule between them.
 pub fn grid(rows: &[Vec<Image>]) -> Option<GeneratedImage> {
@@ -163,6 +179,7 @@ pub fn grid(rows: &[Vec<Image>]) -> Option<GeneratedImage> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::analyze::Problem;
     use crate::grammar::{Color, Count, Object, Size};
 
     #[test]
@@ -185,11 +202,16 @@ mod tests {
             prompt(vec![object(Count::A, Color::Red, Shape::Triangle), object(Count::A, Color::Blue, Shape::Circle)]),
         ];
         let verdict = |adherent: bool, sizes_right: bool| Verdict { adherent, sizes_right, problem: None };
-        let a = Adherence::of(&prompts, &[verdict(true, true), verdict(false, false), verdict(true, false), verdict(true, true)]);
+        let shape_wrong = Verdict {
+            problem: Some(Problem { kind: ProblemKind::Shape, detail: "1 blue square: found 0".into() }),
+            ..verdict(false, false)
+        };
+        let a = Adherence::of(&prompts, &[verdict(true, true), shape_wrong, verdict(true, false), verdict(true, true)]);
         assert_eq!(a.one, 2.0 / 3.0);
         assert_eq!(a.one_by_shape, [1.0, 0.5, 0.0], "circle 1 of 1, square 1 of 2, no triangle prompt");
         assert_eq!(a.two, 1.0);
         assert_eq!(a.sizes, 2.0 / 3.0);
+        assert_eq!(a.failures, [0, 0, 1, 0, 0], "one image failed, on its shape");
     }
 
     #[test]

@@ -52,6 +52,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         grid_rows.extend(samples);
     }
     println!("{}", eval::table(&rows));
+    println!("{}", eval::failure_table(&rows, 2 * args.prompts));
     if let Some(grid) = eval::grid(&grid_rows) {
         let png = grid.encode_png(None)?;
         std::fs::write(&args.grid, png).with_context(|| format!("writing {}", args.grid.display()))?;
