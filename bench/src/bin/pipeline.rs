@@ -54,9 +54,9 @@ fn sd15_unet(spec: &DeviceSpec, batches: &[usize]) -> anyhow::Result<()> {
     let cfg = UNetConfig::load(&dir.join("config.json"))?;
     let device = spec.device()?;
     let varmap = candle_nn::VarMap::new();
-    UNet::new(cfg.clone(), VarBuilder::from_varmap(&varmap, DType::F32, &device))?; // draws the weights
-                                                                                    // Run on plain tensors, as loaded weights are: variables would select the training code paths and
-                                                                                    // keep every intermediate for a backward pass.
+    // Drawing the weights through a VarMap, then running on plain tensors, as loaded weights are:
+    // variables would select the training code paths and keep every intermediate for a backward pass.
+    UNet::new(cfg.clone(), VarBuilder::from_varmap(&varmap, DType::F32, &device))?;
     let weights: std::collections::HashMap<String, Tensor> =
         varmap.data().lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect();
     let unet = UNet::new(cfg, VarBuilder::from_tensors(weights, DType::F32, &device))?;

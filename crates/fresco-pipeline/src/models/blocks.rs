@@ -4,6 +4,7 @@ use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{conv2d, Conv2dConfig, RmsNorm, VarBuilder};
 
 use super::broadcast;
+use super::conv;
 use super::fused;
 use super::im2col::im2col;
 
@@ -11,19 +12,23 @@ pub fn conv(in_c: usize, out_c: usize, kernel: usize, stride: usize, padding: us
     Ok(Conv2d(conv2d(in_c, out_c, kernel, Conv2dConfig { padding, stride, ..Default::default() }, vb)?))
 }
 
-/// A 2-D convolution. Inference runs candle's kernel. While a graph is recorded (training) on the CPU it
-/// runs as [`im2col`] and one matmul, because candle's conv backward goes through a direct
-/// `conv_transpose2d` loop that is some fifty times slower on the CPU than the matmul's backward (GPUs
-/// keep candle's kernels: their backward runs in parallel there).
+/// A 2-D convolution. In f32 on the CPU it is fresco's own: for inference [`conv::conv2d`] (column tiles
+/// in the weight's order, several times faster than candle's kernel at SD's sizes); while a graph is
+/// recorded (training) [`im2col`] and one matmul, because candle's conv backward goes through a direct
+/// `conv_transpose2d` loop that is some fifty times slower on the CPU than the matmul's backward. GPUs
+/// and other dtypes keep candle's kernels.
 pub struct Conv2d(candle_nn::Conv2d);
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let cfg = self.0.config();
         let weight = self.0.weight();
-        let training = x.track_op() || weight.track_op();
-        if !training || !x.device().is_cpu() || x.dtype() != DType::F32 || cfg.dilation != 1 || cfg.groups != 1 {
+        if !x.device().is_cpu() || x.dtype() != DType::F32 || cfg.dilation != 1 || cfg.groups != 1 {
             return self.0.forward(x);
+        }
+        let training = x.track_op() || weight.track_op() || self.0.bias().is_some_and(Tensor::track_op);
+        if !training {
+            return conv::conv2d(x, weight, self.0.bias(), cfg.stride, cfg.padding);
         }
         let (b, _, h, w) = x.dims4()?;
         let (o, _, kh, kw) = weight.dims4()?;
@@ -190,17 +195,23 @@ impl Upsample {
     }
 }
 
-/// Score matrices above this many elements (16 MiB of f32) are computed a block of queries at a time: on
-/// the 2-core CPU an SD 1.5 U-Net evaluation at 512×512 took 74 s whole, 64 s in 128 MiB blocks, 60 s in
+/// Where candle's ops compute attention (GPUs, other dtypes, training), score matrices above this many
+/// elements (16 MiB of f32) are computed a block of queries at a time. Measured when the CPU still took
+/// this path: an SD 1.5 U-Net evaluation at 512×512 took 74 s whole, 64 s in 128 MiB blocks, 60 s in
 /// 16 MiB and 61 s in 4 MiB ones.
 const ATTENTION_BLOCK_ELEMENTS: usize = 1 << 22;
 
-/// Scaled dot-product attention over `[B, heads, N, d]` tensors.
+/// Scaled dot-product attention over `[B, heads, N, d]` tensors: for inference in f32 on the CPU
+/// fresco's kernel ([`super::attention`]), elsewhere candle's ops.
 ///
 /// Softmax runs along each query's row, so queries can be taken in blocks with the same result: an
 /// SD 1.5 U-Net at 512×512 would otherwise hold `[2B, 8, 4096, 4096]` scores (1 GiB per guided image)
 /// two or three times over at each full-resolution attention.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
+    let all = [q, k, v];
+    if all.iter().all(|t| !t.track_op() && t.device().is_cpu() && t.dtype() == DType::F32) {
+        return super::attention::attention(q, k, v);
+    }
     attention_in_blocks(q, k, v, ATTENTION_BLOCK_ELEMENTS)
 }
 

@@ -9,20 +9,20 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 use super::broadcast::contiguous_f32;
 
-/// The geometry of one convolution's columns.
+/// The geometry of one convolution's columns (here and in the inference kernel, `super::conv`).
 #[derive(Debug, Clone, Copy)]
-struct Geometry {
-    batch: usize,
-    channels: usize,
-    h: usize,
-    w: usize,
-    kernel: (usize, usize),
-    stride: usize,
-    padding: usize,
+pub(super) struct Geometry {
+    pub(super) batch: usize,
+    pub(super) channels: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) kernel: (usize, usize),
+    pub(super) stride: usize,
+    pub(super) padding: usize,
 }
 
 impl Geometry {
-    fn out(&self) -> (usize, usize) {
+    pub(super) fn out(&self) -> (usize, usize) {
         let span = |n: usize, k: usize| (n + 2 * self.padding - k) / self.stride + 1;
         (span(self.h, self.kernel.0), span(self.w, self.kernel.1))
     }

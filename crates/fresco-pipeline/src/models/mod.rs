@@ -1,8 +1,14 @@
 //! The networks of the supported families, each built from its diffusers / transformers config.
 
+// The two CPU kernels call gemm through raw pointers and write one output buffer from parallel tasks:
+// with the weights' memory map, the crate's only unsafe code, each block under a SAFETY note.
+#[allow(unsafe_code)]
+mod attention;
 pub mod blocks;
 pub mod broadcast;
 pub mod clip;
+#[allow(unsafe_code)]
+mod conv;
 pub mod flux;
 mod fused;
 mod im2col;

@@ -1,0 +1,271 @@
+//! Scaled dot-product attention for inference in f32 on the CPU, one small block of queries at a time.
+//!
+//! Built from candle ops, attention writes the whole score matrix of a block of queries to memory
+//! (16 MiB per block at SD 1.5's 4096 tokens), reads and writes it again for the softmax — whose `exp` is
+//! libm's, one value at a time — and reads it once more for the product with the values: at 512×512
+//! that is some 270 million scores per attention layer, three trips through memory each. Here each task
+//! takes a few queries of one head, so their scores (256 KiB) stay in the core's cache from the first
+//! multiply to the second, and the softmax runs on vectors. The softmax divides the output rows, not the
+//! scores: `d` values a query instead of `M`.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use gemm::{gemm, Parallelism};
+use rayon::prelude::*;
+
+use super::conv::Out;
+
+/// Scores per task: 256 KiB of f32, which an L2 cache holds beside the task's queries and values.
+const TASK_SCORES: usize = 1 << 16;
+
+/// `softmax(q kᵀ / √d) v` over `[B, heads, N, d]` queries and `[B, heads, M, d]` keys and values, of
+/// any strides, f32 on the CPU, without a backward pass; a contiguous `[B, heads, N, d]` result.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (b, h, _, d) = q.dims4()?;
+    let (kb, kh, m, kd) = k.dims4()?;
+    if (kb, kh, kd) != (b, h, d) || v.dims() != k.dims() || m == 0 {
+        candle_core::bail!("attention: queries {:?}, keys {:?} and values {:?} do not fit", q.dims(), k.dims(), v.dims())
+    }
+    q.apply_op3_no_bwd(k, v, &Attention { scale: (d as f32).powf(-0.5), task_scores: TASK_SCORES })
+}
+
+struct Attention {
+    scale: f32,
+    task_scores: usize,
+}
+
+/// A `[B, heads, rows, d]` operand: its storage from the first element, and its strides.
+struct Operand<'a> {
+    data: &'a [f32],
+    strides: [usize; 4],
+}
+
+impl<'a> Operand<'a> {
+    fn new(storage: &'a CpuStorage, layout: &Layout) -> Result<Self> {
+        let data = &storage.as_slice::<f32>()?[layout.start_offset()..];
+        let s = layout.stride();
+        Ok(Self { data, strides: [s[0], s[1], s[2], s[3]] })
+    }
+
+    /// Row `row` of head `head` of batch element `b`.
+    fn row(&self, b: usize, head: usize, row: usize) -> *const f32 {
+        self.data[b * self.strides[0] + head * self.strides[1] + row * self.strides[2]..].as_ptr()
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "fresco-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, h, n, d) = ql.shape().dims4()?;
+        let m = kl.shape().dims()[2];
+        let (q, k, v) = (Operand::new(qs, ql)?, Operand::new(ks, kl)?, Operand::new(vs, vl)?);
+        let rows = (self.task_scores / m.max(1)).clamp(1, n.max(1));
+        let mut out = vec![0f32; b * h * n * d];
+        let dst = Out(out.as_mut_ptr());
+        let tasks: Vec<(usize, usize, usize)> =
+            (0..b).flat_map(|bi| (0..h).flat_map(move |hi| (0..n).step_by(rows).map(move |r0| (bi, hi, r0)))).collect();
+        tasks.par_iter().for_each_init(Vec::new, |scores: &mut Vec<f32>, &(bi, hi, r0)| {
+            let r = rows.min(n - r0);
+            scores.resize(r * m, 0.0);
+            // SAFETY: the scores are `r × m`, contiguous; q's rows r0.. and k's m rows of this head lie
+            // inside their storages at the layouts' strides.
+            unsafe {
+                gemm(
+                    r,
+                    m,
+                    d,
+                    scores.as_mut_ptr(),
+                    1,
+                    m as isize,
+                    false,
+                    q.row(bi, hi, r0),
+                    q.strides[3] as isize,
+                    q.strides[2] as isize,
+                    k.row(bi, hi, 0),
+                    k.strides[2] as isize,
+                    k.strides[3] as isize,
+                    0.0,
+                    self.scale,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                )
+            };
+            let sums: Vec<f32> = scores.chunks_mut(m).map(exp_shifted).collect();
+            let first = ((bi * h + hi) * n + r0) * d;
+            // SAFETY: this task's output rows (r × d, contiguous) are its own; v's m rows of this head
+            // lie inside its storage.
+            unsafe {
+                gemm(
+                    r,
+                    d,
+                    m,
+                    dst.at(first),
+                    1,
+                    d as isize,
+                    false,
+                    scores.as_ptr(),
+                    1,
+                    m as isize,
+                    v.row(bi, hi, 0),
+                    v.strides[3] as isize,
+                    v.strides[2] as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                )
+            };
+            for (i, sum) in sums.iter().enumerate() {
+                // SAFETY: row i of this task's output, as above.
+                let row = unsafe { std::slice::from_raw_parts_mut(dst.at(first + i * d), d) };
+                row.iter_mut().for_each(|x| *x /= sum);
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, h, n, d))))
+    }
+}
+
+/// Replaces a row of scores by `exp(score − max)` and returns their sum: the softmax's numerators and
+/// denominator. Uses the CPU's vector units where it has AVX2.
+fn exp_shifted(row: &mut [f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked just above.
+        return unsafe { exp_shifted_avx2(row) };
+    }
+    exp_shifted_portable(row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn exp_shifted_avx2(row: &mut [f32]) -> f32 {
+    exp_shifted_portable(row)
+}
+
+/// Lanes of the running max and sum: independent accumulators the compiler can keep in one vector.
+const LANES: usize = 8;
+
+#[inline(always)]
+fn exp_shifted_portable(row: &mut [f32]) -> f32 {
+    let mut max = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (m, &x) in max.iter_mut().zip(c) {
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    let max = chunks.remainder().iter().chain(&max).fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    for x in row.iter_mut() {
+        *x = exp_nonpositive(*x - max);
+    }
+    let mut sum = [0f32; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (s, &x) in sum.iter_mut().zip(c) {
+            *s += x;
+        }
+    }
+    chunks.remainder().iter().chain(&sum).sum()
+}
+
+/// `exp(x)` for `x ≤ 0` to within two units in the last place, branch-free so that it vectorises:
+/// Cephes' `expf` (x = n·ln 2 + r, |r| ≤ ln 2 / 2, a degree-6 polynomial in r, times 2ⁿ built in the
+/// exponent bits). Below −87 it returns e⁻⁸⁷ (≈ 10⁻³⁸): nothing beside the row's maximum, whose
+/// term is 1.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    // 1.5 · 2²³: adding and subtracting it rounds to the nearest integer with plain arithmetic.
+    const ROUND: f32 = 12_582_912.0;
+    let x = if x < -87.0 { -87.0 } else { x };
+    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    // ln 2 in two parts, so that n·ln 2 is subtracted without rounding error.
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, D};
+
+    #[test]
+    fn exp_is_accurate_over_the_softmax_range() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -87.0 * i as f32 / 200_000.0;
+            let want = (x as f64).exp();
+            worst = worst.max(((exp_nonpositive(x) as f64) - want).abs() / want);
+        }
+        assert!(worst < 3.0 * f32::EPSILON as f64, "worst relative error {worst:e}");
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert!(exp_nonpositive(-1000.0) < 1e-37 && exp_nonpositive(f32::NEG_INFINITY) >= 0.0);
+    }
+
+    fn reference(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+        let d = q.dim(D::Minus1).expect("d");
+        let scores = (q.matmul(&k.t().expect("t")).expect("qk") * (d as f64).powf(-0.5)).expect("scale");
+        candle_nn::ops::softmax_last_dim(&scores).expect("softmax").matmul(v).expect("pv")
+    }
+
+    /// The result is candle's softmax attention, for one task and for many, for self- and
+    /// cross-attention, and for queries, keys and values given as strided views.
+    #[test]
+    fn matches_candles_attention() {
+        let dev = Device::Cpu;
+        for (b, h, n, m, d) in [(2, 3, 17, 17, 8), (1, 2, 40, 7, 16), (2, 1, 5, 33, 4)] {
+            let q = Tensor::randn(0f32, 2., (b, h, n, d), &dev).expect("q");
+            let k = Tensor::randn(0f32, 2., (b, h, m, d), &dev).expect("k");
+            let v = Tensor::randn(0f32, 1., (b, h, m, d), &dev).expect("v");
+            let want = reference(&q, &k, &v);
+            for task_scores in [1, 3 * m, usize::MAX / 2] {
+                let op = Attention { scale: (d as f32).powf(-0.5), task_scores };
+                let got = q.apply_op3_no_bwd(&k, &v, &op).expect("attention");
+                let diff = (&got - &want).expect("diff").abs().expect("abs").max_all().expect("max").to_scalar::<f32>().expect("scalar");
+                assert!(diff < 1e-5, "{b}×{h}×{n}×{m}×{d}, tasks of {task_scores} scores: max |Δ| {diff}");
+            }
+            // Heads split from `[B, N, heads·d]` without a copy: strides of a transposed view.
+            let strided = |t: &Tensor| {
+                let (b, h, n, d) = t.dims4().expect("dims");
+                t.transpose(1, 2)
+                    .expect("t")
+                    .contiguous()
+                    .expect("c")
+                    .reshape((b, n, h * d))
+                    .expect("r")
+                    .reshape((b, n, h, d))
+                    .expect("r")
+                    .transpose(1, 2)
+                    .expect("t")
+            };
+            let (qs, ks, vs) = (strided(&q), strided(&k), strided(&v));
+            assert!(h == 1 || !qs.is_contiguous(), "a strided view");
+            let got = attention(&qs, &ks, &vs).expect("strided");
+            let diff = (&got - &want).expect("diff").abs().expect("abs").max_all().expect("max").to_scalar::<f32>().expect("scalar");
+            assert!(diff < 1e-5, "strided {b}×{h}×{n}×{m}×{d}: max |Δ| {diff}");
+        }
+    }
+
+    #[test]
+    fn mismatched_operands_are_errors() {
+        let dev = Device::Cpu;
+        let t = |dims: (usize, usize, usize, usize)| Tensor::zeros(dims, candle_core::DType::F32, &dev).expect("t");
+        assert!(attention(&t((1, 2, 3, 4)), &t((1, 2, 5, 8)), &t((1, 2, 5, 8))).is_err(), "head sizes differ");
+        assert!(attention(&t((1, 2, 3, 4)), &t((1, 2, 5, 4)), &t((1, 2, 6, 4))).is_err(), "keys and values differ");
+    }
+}

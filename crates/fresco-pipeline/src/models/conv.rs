@@ -1,0 +1,238 @@
+//! 2-D convolution for inference in f32 on the CPU: column tiles, one matrix multiply each.
+//!
+//! candle 0.11's CPU convolution builds its columns value by value, each write a tile's width away
+//! from the last (a cache miss per value at SD's 320–1280 channels), reorders the whole kernel on every
+//! call (25 MB per call for a 1280-channel 3×3 convolution), and copies the product back channel by
+//! channel. Here the columns follow the weight's own `(channel, ky, kx)` order, so the weight is used as
+//! stored; each column row is a shifted copy of one input plane, read and written in runs; and the
+//! matrix multiply writes straight into the output through its strides, onto the bias already there.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use gemm::{gemm, Parallelism};
+use rayon::prelude::*;
+
+use super::broadcast::contiguous_f32;
+use super::im2col::Geometry;
+
+/// Column entries per tile: 4 MiB of f32, a few rows of output at SD's sizes. Small enough that a
+/// tile stays in cache while the multiply reads it, large enough that the multiply runs at full speed.
+const TILE_ELEMENTS: usize = 1 << 20;
+
+/// The inference kernel's view of the training im2col's geometry: its columns follow the weight.
+impl Geometry {
+    /// Rows of the column matrix: one per weight of an output channel.
+    fn depth(&self) -> usize {
+        self.channels * self.kernel.0 * self.kernel.1
+    }
+
+    /// A 1×1 kernel without stride or padding reads the input planes as they are: no columns to build.
+    fn pointwise(&self) -> bool {
+        self.kernel == (1, 1) && self.stride == 1 && self.padding == 0
+    }
+
+    /// The columns of output rows `y0..y1` of batch element `b`: `[depth, (y1 - y0)·OW]`, row
+    /// `(c, ky, kx)` holding input plane `c` shifted by `(ky, kx)`, zero where it reads padding.
+    fn columns(&self, x: &[f32], b: usize, (y0, y1): (usize, usize), parallel: bool) -> Vec<f32> {
+        let (_, ow) = self.out();
+        let (kh, kw) = self.kernel;
+        let (s, p) = (self.stride, self.padding);
+        let n = (y1 - y0) * ow;
+        let mut cols = vec![0f32; self.depth() * n];
+        let fill = |(r, row): (usize, &mut [f32])| {
+            let (c, ky, kx) = (r / (kh * kw), (r / kw) % kh, r % kw);
+            let plane = &x[(b * self.channels + c) * self.h * self.w..][..self.h * self.w];
+            for oy in y0..y1 {
+                let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&iy| iy < self.h) else { continue };
+                let line = &plane[iy * self.w..][..self.w];
+                let out = &mut row[(oy - y0) * ow..][..ow];
+                if s == 1 {
+                    // Input column ox + kx − p is inside the plane for ox in lo..hi.
+                    let lo = p.saturating_sub(kx).min(ow);
+                    let hi = (self.w + p).saturating_sub(kx).min(ow);
+                    if lo < hi {
+                        out[lo..hi].copy_from_slice(&line[lo + kx - p..hi + kx - p]);
+                    }
+                } else {
+                    for (ox, v) in out.iter_mut().enumerate() {
+                        if let Some(&value) = (ox * s + kx).checked_sub(p).and_then(|ix| line.get(ix)) {
+                            *v = value;
+                        }
+                    }
+                }
+            }
+        };
+        if parallel {
+            cols.par_chunks_mut(n.max(1)).enumerate().for_each(fill);
+        } else {
+            cols.chunks_mut(n.max(1)).enumerate().for_each(fill);
+        }
+        cols
+    }
+}
+
+/// `conv2d(x, weight) + bias` for `x` `[B, C, H, W]` and `weight` `[O, C, KH, KW]`, f32 on the CPU,
+/// without a backward pass (training keeps the differentiable path in [`super::blocks::Conv2d`]).
+pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
+    let (batch, channels, h, w) = x.dims4()?;
+    let (out_channels, weight_channels, kh, kw) = weight.dims4()?;
+    if weight_channels != channels || stride == 0 || h + 2 * padding < kh || w + 2 * padding < kw {
+        candle_core::bail!(
+            "conv2d: a {:?} weight with stride {stride} and padding {padding} does not fit a {:?} input",
+            weight.dims(),
+            x.dims()
+        )
+    }
+    let bias = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
+    if let Some(b) = bias.as_ref().filter(|b| b.len() != out_channels) {
+        candle_core::bail!("conv2d: a bias of {} values for {out_channels} output channels", b.len())
+    }
+    let geometry = Geometry { batch, channels, h, w, kernel: (kh, kw), stride, padding };
+    x.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &Conv { geometry, out_channels, bias, tile_elements: TILE_ELEMENTS })
+}
+
+struct Conv {
+    geometry: Geometry,
+    out_channels: usize,
+    bias: Option<Vec<f32>>,
+    tile_elements: usize,
+}
+
+/// An output buffer shared by parallel tasks that each write their own rows of it.
+pub(super) struct Out(pub(super) *mut f32);
+
+// SAFETY: the tasks write disjoint parts of the buffer (here a tile's output rows), and the buffer
+// outlives them: they all finish before the kernel returns it.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    pub(super) fn at(&self, offset: usize) -> *mut f32 {
+        // SAFETY: callers stay inside the buffer (offsets of output rows).
+        unsafe { self.0.add(offset) }
+    }
+}
+
+impl CustomOp2 for Conv {
+    fn name(&self) -> &'static str {
+        "fresco-conv2d"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, weight) = (contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?);
+        let g = self.geometry;
+        let (oh, ow) = g.out();
+        let (plane, depth, o) = (oh * ow, g.depth(), self.out_channels);
+        let mut out = vec![0f32; g.batch * o * plane];
+        if let Some(bias) = &self.bias {
+            for (i, row) in out.chunks_mut(plane).enumerate() {
+                row.fill(bias[i % o]);
+            }
+        }
+        // Output rows per tile; a pointwise convolution multiplies whole planes in place.
+        let rows = if g.pointwise() { oh } else { (self.tile_elements / (depth * ow).max(1)).clamp(1, oh) };
+        let tiles: Vec<(usize, usize)> = (0..g.batch).flat_map(|b| (0..oh).step_by(rows).map(move |y0| (b, y0))).collect();
+        let threads = rayon::current_num_threads();
+        // Many tiles run side by side, one thread each; a few run one after another, each multiply and
+        // column build spread over the threads.
+        let side_by_side = tiles.len() >= 2 * threads;
+        let dst = Out(out.as_mut_ptr());
+        let run = |&(b, y0): &(usize, usize)| {
+            let y1 = (y0 + rows).min(oh);
+            let n = (y1 - y0) * ow;
+            let cols;
+            let (rhs, rhs_rs) = if g.pointwise() {
+                (&x[b * g.channels * plane + y0 * ow..], plane)
+            } else {
+                cols = g.columns(x, b, (y0, y1), !side_by_side);
+                (&cols[..], n)
+            };
+            let parallelism = if side_by_side || threads == 1 { Parallelism::None } else { Parallelism::Rayon(threads) };
+            // SAFETY: dst is `O` rows of `n` values, `plane` apart, inside batch element `b`'s output;
+            // lhs is the `[O, depth]` weight and rhs a `[depth, n]` matrix `rhs_rs` apart, both in bounds.
+            unsafe {
+                gemm(
+                    o,
+                    n,
+                    depth,
+                    dst.at(b * o * plane + y0 * ow),
+                    1,
+                    plane as isize,
+                    self.bias.is_some(),
+                    weight.as_ptr(),
+                    1,
+                    depth as isize,
+                    rhs.as_ptr(),
+                    1,
+                    rhs_rs as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                )
+            }
+        };
+        if side_by_side {
+            tiles.par_iter().for_each(run);
+        } else {
+            tiles.iter().for_each(run);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((g.batch, o, oh, ow))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The tiles, strides, paddings and the pointwise path all give candle's convolution.
+    #[test]
+    fn matches_candles_convolution() {
+        let dev = Device::Cpu;
+        // (batch, channels, h, w, out channels, kernel, stride, padding, bias)
+        let cases = [
+            (2, 3, 9, 7, 5, 3, 1, 1, true),
+            (1, 4, 8, 8, 6, 3, 2, 1, false),
+            (3, 2, 7, 10, 4, 3, 2, 0, true),
+            (2, 5, 6, 6, 3, 1, 1, 0, true),
+            (1, 3, 5, 5, 2, 1, 2, 0, false),
+            (2, 2, 4, 6, 3, 2, 1, 0, true),
+            (1, 2, 3, 3, 2, 3, 1, 2, false),
+        ];
+        for (i, &(b, c, h, w, o, k, stride, padding, with_bias)) in cases.iter().enumerate() {
+            let x = Tensor::randn(0f32, 1., (b, c, h, w), &dev).expect("x");
+            let weight = Tensor::randn(0f32, 1., (o, c, k, k), &dev).expect("weight");
+            let bias = Tensor::randn(0f32, 1., o, &dev).expect("bias");
+            let bias = with_bias.then_some(&bias);
+            let mut want = x.conv2d(&weight, padding, stride, 1, 1).expect("candle");
+            if let Some(bias) = bias {
+                want = want.broadcast_add(&bias.reshape((1, o, 1, 1)).expect("reshape")).expect("add");
+            }
+            // A tile budget of one output row at a time, and one of the whole image at once.
+            for tile_elements in [1, usize::MAX / 2] {
+                let geometry = Geometry { batch: b, channels: c, h, w, kernel: (k, k), stride, padding };
+                let op = Conv { geometry, out_channels: o, bias: bias.map(|b| b.to_vec1().expect("bias")), tile_elements };
+                let got = x.apply_op2_no_bwd(&weight, &op).expect("fresco");
+                assert_eq!(got.dims(), want.dims(), "case {i}");
+                let diff = (&got - &want).expect("diff").abs().expect("abs").max_all().expect("max").to_scalar::<f32>().expect("scalar");
+                assert!(diff < 1e-4, "case {i}, tiles of {tile_elements}: max |Δ| {diff}");
+            }
+        }
+    }
+
+    #[test]
+    fn mismatched_shapes_are_errors() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((1, 3, 4, 4), candle_core::DType::F32, &dev).expect("x");
+        let weight = Tensor::zeros((2, 4, 3, 3), candle_core::DType::F32, &dev).expect("weight");
+        assert!(conv2d(&x, &weight, None, 1, 1).is_err(), "channels differ");
+        let weight = Tensor::zeros((2, 3, 7, 7), candle_core::DType::F32, &dev).expect("weight");
+        assert!(conv2d(&x, &weight, None, 1, 1).is_err(), "kernel larger than the padded input");
+        let weight = Tensor::zeros((2, 3, 3, 3), candle_core::DType::F32, &dev).expect("weight");
+        let bias = Tensor::zeros(3, candle_core::DType::F32, &dev).expect("bias");
+        assert!(conv2d(&x, &weight, Some(&bias), 1, 1).is_err(), "bias of the wrong length");
+        assert!(conv2d(&x, &weight, None, 0, 1).is_err(), "stride 0");
+    }
+}
