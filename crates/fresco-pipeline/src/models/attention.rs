@@ -102,7 +102,7 @@ impl CustomOp3 for Attention {
                     Parallelism::None,
                 )
             };
-            let sums: Vec<f32> = scores.chunks_mut(m).map(exp_shifted).collect();
+            let sums = exp_shifted_rows(scores, m);
             let first = ((bi * h + hi) * n + r0) * d;
             // SAFETY: this task's output rows (r × d, contiguous) are its own; v's m rows of this head
             // lie inside its storage.
@@ -139,28 +139,33 @@ impl CustomOp3 for Attention {
     }
 }
 
-/// Replaces a row of scores by `exp(score − max)` and returns their sum: the softmax's numerators and
-/// denominator. Uses the CPU's vector units where it has AVX2.
-fn exp_shifted(row: &mut [f32]) -> f32 {
+/// Replaces each row (`m` scores) by `exp(score − max)` and returns the rows' sums: the softmax's
+/// numerators and denominators. Uses the CPU's vector units where it has AVX2.
+fn exp_shifted_rows(scores: &mut [f32], m: usize) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2, checked just above.
-        return unsafe { exp_shifted_avx2(row) };
+        return unsafe { exp_shifted_rows_avx2(scores, m) };
     }
-    exp_shifted_portable(row)
+    exp_shifted_rows_portable(scores, m)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn exp_shifted_avx2(row: &mut [f32]) -> f32 {
-    exp_shifted_portable(row)
+unsafe fn exp_shifted_rows_avx2(scores: &mut [f32], m: usize) -> Vec<f32> {
+    exp_shifted_rows_portable(scores, m)
+}
+
+#[inline(always)]
+fn exp_shifted_rows_portable(scores: &mut [f32], m: usize) -> Vec<f32> {
+    scores.chunks_mut(m).map(exp_shifted).collect()
 }
 
 /// Lanes of the running max and sum: independent accumulators the compiler can keep in one vector.
 const LANES: usize = 8;
 
 #[inline(always)]
-fn exp_shifted_portable(row: &mut [f32]) -> f32 {
+fn exp_shifted(row: &mut [f32]) -> f32 {
     let mut max = [f32::NEG_INFINITY; LANES];
     let mut chunks = row.chunks_exact(LANES);
     for c in &mut chunks {

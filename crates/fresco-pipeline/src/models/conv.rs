@@ -20,11 +20,6 @@ const TILE_ELEMENTS: usize = 1 << 20;
 
 /// The inference kernel's view of the training im2col's geometry: its columns follow the weight.
 impl Geometry {
-    /// Rows of the column matrix: one per weight of an output channel.
-    fn depth(&self) -> usize {
-        self.channels * self.kernel.0 * self.kernel.1
-    }
-
     /// A 1×1 kernel without stride or padding reads the input planes as they are: no columns to build.
     fn pointwise(&self) -> bool {
         self.kernel == (1, 1) && self.stride == 1 && self.padding == 0
@@ -73,20 +68,15 @@ impl Geometry {
 /// `conv2d(x, weight) + bias` for `x` `[B, C, H, W]` and `weight` `[O, C, KH, KW]`, f32 on the CPU,
 /// without a backward pass (training keeps the differentiable path in [`super::blocks::Conv2d`]).
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
-    let (batch, channels, h, w) = x.dims4()?;
     let (out_channels, weight_channels, kh, kw) = weight.dims4()?;
-    if weight_channels != channels || stride == 0 || h + 2 * padding < kh || w + 2 * padding < kw {
-        candle_core::bail!(
-            "conv2d: a {:?} weight with stride {stride} and padding {padding} does not fit a {:?} input",
-            weight.dims(),
-            x.dims()
-        )
+    let geometry = Geometry::of(x, (kh, kw), stride, padding).map_err(|e| e.context("conv2d"))?;
+    if weight_channels != geometry.channels {
+        candle_core::bail!("conv2d: a {:?} weight does not fit a {:?} input", weight.dims(), x.dims())
     }
     let bias = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
     if let Some(b) = bias.as_ref().filter(|b| b.len() != out_channels) {
         candle_core::bail!("conv2d: a bias of {} values for {out_channels} output channels", b.len())
     }
-    let geometry = Geometry { batch, channels, h, w, kernel: (kh, kw), stride, padding };
     x.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &Conv { geometry, out_channels, bias, tile_elements: TILE_ELEMENTS })
 }
 

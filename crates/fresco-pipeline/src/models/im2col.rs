@@ -22,14 +22,28 @@ pub(super) struct Geometry {
 }
 
 impl Geometry {
+    /// The geometry of a `kernel` convolution of `x` (`[B, C, H, W]`); an error when it does not fit.
+    pub(super) fn of(x: &Tensor, kernel: (usize, usize), stride: usize, padding: usize) -> Result<Self> {
+        let (batch, channels, h, w) = x.dims4()?;
+        if h + 2 * padding < kernel.0 || w + 2 * padding < kernel.1 || stride == 0 {
+            candle_core::bail!("a {kernel:?} kernel with padding {padding} and stride {stride} does not fit a {:?} input", x.dims())
+        }
+        Ok(Self { batch, channels, h, w, kernel, stride, padding })
+    }
+
     pub(super) fn out(&self) -> (usize, usize) {
         let span = |n: usize, k: usize| (n + 2 * self.padding - k) / self.stride + 1;
         (span(self.h, self.kernel.0), span(self.w, self.kernel.1))
     }
 
+    /// Rows of the column matrix: one per weight of an output channel.
+    pub(super) fn depth(&self) -> usize {
+        self.channels * self.kernel.0 * self.kernel.1
+    }
+
     fn cols_shape(&self) -> Shape {
         let (oh, ow) = self.out();
-        Shape::from((self.kernel.0 * self.kernel.1 * self.channels, self.batch * oh * ow))
+        Shape::from((self.depth(), self.batch * oh * ow))
     }
 
     /// Calls `f(index in the columns, index in the input)` for every column entry that reads the input
@@ -68,11 +82,8 @@ impl Geometry {
 
 /// The `[kh·kw·C, B·OH·OW]` column matrix of `x` (`[B, C, H, W]`, f32 on the CPU), differentiable.
 pub fn im2col(x: &Tensor, kernel: (usize, usize), stride: usize, padding: usize) -> Result<Tensor> {
-    let (batch, channels, h, w) = x.dims4()?;
-    if h + 2 * padding < kernel.0 || w + 2 * padding < kernel.1 || stride == 0 {
-        candle_core::bail!("im2col: a {kernel:?} kernel with padding {padding} and stride {stride} does not fit {h}×{w}")
-    }
-    x.contiguous()?.apply_op1(Im2col(Geometry { batch, channels, h, w, kernel, stride, padding }))
+    let geometry = Geometry::of(x, kernel, stride, padding).map_err(|e| e.context("im2col"))?;
+    x.contiguous()?.apply_op1(Im2col(geometry))
 }
 
 struct Im2col(Geometry);
