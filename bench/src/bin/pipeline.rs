@@ -24,7 +24,7 @@ const SD15_UNET: &str = r#"{
 
 fn fixtures(spec: &DeviceSpec, batches: &[usize]) -> anyhow::Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models");
-    println!("{:<10} {:>5} {:>6} {:>12} {:>10}", "fixture", "batch", "steps", "s/step", "images/s");
+    println!("{:<10} {:>5} {:>6} {:>12} {:>10} {:>10} {:>10}", "fixture", "batch", "steps", "s/step", "images/s", "s encode", "s decode");
     for model in ["tiny-sd15", "tiny-sdxl", "tiny-sd3", "tiny-flux"] {
         if !root.join(model).is_dir() {
             println!("{model:<10} not present, skipped"); // a partial copy of the fixtures (a GPU machine's)
@@ -41,7 +41,14 @@ fn fixtures(spec: &DeviceSpec, batches: &[usize]) -> anyhow::Result<()> {
             let started = Instant::now();
             let (_, t) = pipe.generate_timed(&req)?;
             let total = started.elapsed().as_secs_f64();
-            println!("{model:<10} {b:>5} {:>6} {:>12.4} {:>10.2}", t.steps, t.denoise.as_secs_f64() / t.steps as f64, b as f64 / total);
+            println!(
+                "{model:<10} {b:>5} {:>6} {:>12.4} {:>10.2} {:>10.4} {:>10.4}",
+                t.steps,
+                t.denoise.as_secs_f64() / t.steps as f64,
+                b as f64 / total,
+                t.encode.as_secs_f64(),
+                t.decode.as_secs_f64()
+            );
         }
     }
     Ok(())

@@ -13,6 +13,7 @@ use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
 use super::conv::Out;
+use super::vector_math::{exp_nonpositive, vectorised};
 
 /// Scores per task: 256 KiB of f32, which an L2 cache holds beside the task's queries and values.
 const TASK_SCORES: usize = 1 << 16;
@@ -140,29 +141,13 @@ impl CustomOp3 for Attention {
 }
 
 /// Replaces each row (`m` scores) by `exp(score − max)` and returns the rows' sums: the softmax's
-/// numerators and denominators. Uses the CPU's vector units where it has AVX2.
+/// numerators and denominators.
 fn exp_shifted_rows(scores: &mut [f32], m: usize) -> Vec<f32> {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2, checked just above.
-        return unsafe { exp_shifted_rows_avx2(scores, m) };
-    }
-    exp_shifted_rows_portable(scores, m)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn exp_shifted_rows_avx2(scores: &mut [f32], m: usize) -> Vec<f32> {
-    exp_shifted_rows_portable(scores, m)
-}
-
-#[inline(always)]
-fn exp_shifted_rows_portable(scores: &mut [f32], m: usize) -> Vec<f32> {
-    scores.chunks_mut(m).map(exp_shifted).collect()
+    vectorised(|| scores.chunks_mut(m).map(exp_shifted).collect())
 }
 
 /// Lanes of the running max and sum: independent accumulators the compiler can keep in one vector.
-const LANES: usize = 8;
+const LANES: usize = 16;
 
 #[inline(always)]
 fn exp_shifted(row: &mut [f32]) -> f32 {
@@ -187,40 +172,10 @@ fn exp_shifted(row: &mut [f32]) -> f32 {
     chunks.remainder().iter().chain(&sum).sum()
 }
 
-/// `exp(x)` for `x ≤ 0` to within two units in the last place, branch-free so that it vectorises:
-/// Cephes' `expf` (x = n·ln 2 + r, |r| ≤ ln 2 / 2, a degree-6 polynomial in r, times 2ⁿ built in the
-/// exponent bits). Below −87 it returns e⁻⁸⁷ (≈ 10⁻³⁸): nothing beside the row's maximum, whose
-/// term is 1.
-#[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
-    // 1.5 · 2²³: adding and subtracting it rounds to the nearest integer with plain arithmetic.
-    const ROUND: f32 = 12_582_912.0;
-    let x = if x < -87.0 { -87.0 } else { x };
-    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
-    // ln 2 in two parts, so that n·ln 2 is subtracted without rounding error.
-    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 0.5;
-    let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::{Device, D};
-
-    #[test]
-    fn exp_is_accurate_over_the_softmax_range() {
-        let mut worst = 0f64;
-        for i in 0..=200_000 {
-            let x = -87.0 * i as f32 / 200_000.0;
-            let want = (x as f64).exp();
-            worst = worst.max(((exp_nonpositive(x) as f64) - want).abs() / want);
-        }
-        assert!(worst < 3.0 * f32::EPSILON as f64, "worst relative error {worst:e}");
-        assert_eq!(exp_nonpositive(0.0), 1.0);
-        assert!(exp_nonpositive(-1000.0) < 1e-37 && exp_nonpositive(f32::NEG_INFINITY) >= 0.0);
-    }
 
     fn reference(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
         let d = q.dim(D::Minus1).expect("d");

@@ -215,6 +215,16 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tens
     attention_in_blocks(q, k, v, ATTENTION_BLOCK_ELEMENTS)
 }
 
+/// GEGLU, `a · gelu_erf(g)` over the halves `[a, g]` of `h`'s last dimension: for inference in f32 on
+/// the CPU fresco's one-pass kernel ([`super::activation`]), elsewhere candle's ops.
+pub fn geglu(h: &Tensor) -> candle_core::Result<Tensor> {
+    if !h.track_op() && h.device().is_cpu() && h.dtype() == DType::F32 {
+        return super::activation::geglu(h);
+    }
+    let halves = h.chunk(2, D::Minus1)?;
+    &halves[0] * halves[1].gelu_erf()?
+}
+
 fn attention_in_blocks(q: &Tensor, k: &Tensor, v: &Tensor, max_elements: usize) -> candle_core::Result<Tensor> {
     let (b, h, n, d) = q.dims4()?;
     let kt = k.t()?;

@@ -1,7 +1,9 @@
 //! The networks of the supported families, each built from its diffusers / transformers config.
 
-// The two CPU kernels call gemm through raw pointers and write one output buffer from parallel tasks:
-// with the weights' memory map, the crate's only unsafe code, each block under a SAFETY note.
+// The two CPU kernels call gemm through raw pointers and write one output buffer from parallel tasks,
+// and vector_math runs loops compiled for the CPU's vector units after checking that it has them: with
+// the weights' memory map, the crate's only unsafe code, each block under a SAFETY note.
+mod activation;
 #[allow(unsafe_code)]
 mod attention;
 pub mod blocks;
@@ -16,3 +18,5 @@ pub mod mmdit;
 pub mod t5;
 pub mod unet;
 pub mod vae;
+#[allow(unsafe_code)]
+mod vector_math;

@@ -8,8 +8,8 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use super::blocks::{
-    attention, conv, group_norm, linear, linear_no_bias, merge_heads, split_heads, timestep_embedding, Conv2d, Downsample, GroupNorm,
-    LayerNorm, Linear, ResnetBlock, Upsample,
+    attention, conv, geglu, group_norm, linear, linear_no_bias, merge_heads, split_heads, timestep_embedding, Conv2d, Downsample,
+    GroupNorm, LayerNorm, Linear, ResnetBlock, Upsample,
 };
 use crate::error::{PipelineError, Result};
 use crate::loader::{Config, Weights};
@@ -185,9 +185,7 @@ impl BasicTransformerBlock {
         let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
         let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + &x)?;
         // GEGLU: the projection's second half gates the first through an exact GELU.
-        let h = self.ff_in.forward(&self.norm3.forward(&x)?)?;
-        let halves = h.chunk(2, candle_core::D::Minus1)?;
-        let h = (&halves[0] * halves[1].gelu_erf()?)?;
+        let h = geglu(&self.ff_in.forward(&self.norm3.forward(&x)?)?)?;
         self.ff_out.forward(&h)? + x
     }
 }
