@@ -30,10 +30,10 @@ impl CustomOp1 for Geglu {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let h = contiguous_f32(storage, layout)?;
-        let mut dims = layout.dims().to_vec();
+        let dims = layout.dims();
         let width = dims.last().copied().unwrap_or(0);
         if width == 0 || width % 2 != 0 {
-            candle_core::bail!("geglu: the last dimension of {:?} is not two non-empty halves", layout.dims())
+            candle_core::bail!("geglu: the last dimension of {dims:?} is not two non-empty halves")
         }
         let half = width / 2;
         let mut out = vec![0f32; h.len() / 2];
@@ -47,10 +47,9 @@ impl CustomOp1 for Geglu {
                 }
             })
         });
-        if let Some(last) = dims.last_mut() {
-            *last = half;
-        }
-        Ok((CpuStorage::F32(out), Shape::from(dims)))
+        let mut out_dims = dims.to_vec();
+        out_dims[dims.len() - 1] = half; // dims is not empty: its last entry is `width`
+        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
     }
 }
 

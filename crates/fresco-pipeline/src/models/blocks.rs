@@ -208,8 +208,7 @@ const ATTENTION_BLOCK_ELEMENTS: usize = 1 << 22;
 /// SD 1.5 U-Net at 512×512 would otherwise hold `[2B, 8, 4096, 4096]` scores (1 GiB per guided image)
 /// two or three times over at each full-resolution attention.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
-    let all = [q, k, v];
-    if all.iter().all(|t| !t.track_op() && t.device().is_cpu() && t.dtype() == DType::F32) {
+    if !fused::recording(&[q, k, v]) && fused::cpu_f32(&[q, k, v]) {
         return super::attention::attention(q, k, v);
     }
     attention_in_blocks(q, k, v, ATTENTION_BLOCK_ELEMENTS)
@@ -218,7 +217,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tens
 /// GEGLU, `a · gelu_erf(g)` over the halves `[a, g]` of `h`'s last dimension: for inference in f32 on
 /// the CPU fresco's one-pass kernel ([`super::activation`]), elsewhere candle's ops.
 pub fn geglu(h: &Tensor) -> candle_core::Result<Tensor> {
-    if !h.track_op() && h.device().is_cpu() && h.dtype() == DType::F32 {
+    if !fused::recording(&[h]) && fused::cpu_f32(&[h]) {
         return super::activation::geglu(h);
     }
     let halves = h.chunk(2, D::Minus1)?;

@@ -16,11 +16,13 @@ use rayon::prelude::*;
 
 use super::broadcast::contiguous_f32;
 
-fn recording(xs: &[&Tensor]) -> bool {
+/// Whether any of `xs` records a graph for a backward pass (training).
+pub(super) fn recording(xs: &[&Tensor]) -> bool {
     xs.iter().any(|x| x.track_op())
 }
 
-fn cpu_f32(xs: &[&Tensor]) -> bool {
+/// Whether all of `xs` are f32 tensors on the CPU, the only kind fresco's own kernels take.
+pub(super) fn cpu_f32(xs: &[&Tensor]) -> bool {
     xs.iter().all(|x| x.device().is_cpu() && x.dtype() == DType::F32)
 }
 
