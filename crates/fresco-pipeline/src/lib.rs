@@ -20,5 +20,5 @@ pub mod tokenizer;
 
 pub use error::{PipelineError, Result};
 pub use image::{GeneratedImage, ParametersText};
-pub use pipeline::{DeviceSpec, Family, ModelDefaults, Pipeline, Request, Resolved, StageTimings};
+pub use pipeline::{on_compute_pool, DeviceSpec, Family, ModelDefaults, Pipeline, Request, Resolved, StageTimings};
 pub use schedulers::SchedulerKind;

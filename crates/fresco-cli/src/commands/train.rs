@@ -119,6 +119,10 @@ fn arch(args: &Args) -> anyhow::Result<Arch> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    fresco_pipeline::on_compute_pool(|| run_on_pool(args))
+}
+
+fn run_on_pool(args: Args) -> anyhow::Result<()> {
     let defaults = TrainOptions::default();
     let opts = TrainOptions {
         seed: args.seed,

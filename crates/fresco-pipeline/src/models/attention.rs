@@ -143,7 +143,18 @@ impl CustomOp3 for Attention {
 /// Replaces each row (`m` scores) by `exp(score − max)` and returns the rows' sums: the softmax's
 /// numerators and denominators.
 fn exp_shifted_rows(scores: &mut [f32], m: usize) -> Vec<f32> {
-    vectorised(|| scores.chunks_mut(m).map(exp_shifted).collect())
+    let mut sums = Vec::with_capacity(scores.len() / m.max(1));
+    // A plain loop: an iterator chain (`map(..).collect()`) ends in library functions that are not
+    // inlined, so the exponentials would run on the build's baseline vectors (SSE), not the CPU's.
+    vectorised(
+        #[inline(always)]
+        || {
+            for row in scores.chunks_mut(m) {
+                sums.push(exp_shifted(row));
+            }
+        },
+    );
+    sums
 }
 
 /// Lanes of the running max and sum: independent accumulators the compiler can keep in one vector.

@@ -3,6 +3,7 @@
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{conv2d, Conv2dConfig, RmsNorm, VarBuilder};
 
+use super::activation::Gate;
 use super::broadcast;
 use super::conv;
 use super::fused;
@@ -131,12 +132,12 @@ impl ResnetBlock {
     }
 
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let mut h = self.conv1.forward(&candle_nn::ops::silu(&self.norm1.forward(x)?)?)?;
+        let mut h = self.conv1.forward(&silu(&self.norm1.forward(x)?)?)?;
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
-            let t = proj.forward(&candle_nn::ops::silu(t)?)?.unsqueeze(2)?.unsqueeze(3)?;
+            let t = proj.forward(&silu(t)?)?.unsqueeze(2)?.unsqueeze(3)?;
             h = h.broadcast_add(&t)?;
         }
-        let h = self.conv2.forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv2.forward(&silu(&self.norm2.forward(&h)?)?)?;
         let skip = match &self.shortcut {
             Some(s) => s.forward(x)?,
             None => x.clone(),
@@ -222,6 +223,34 @@ pub fn geglu(h: &Tensor) -> candle_core::Result<Tensor> {
     }
     let halves = h.chunk(2, D::Minus1)?;
     &halves[0] * halves[1].gelu_erf()?
+}
+
+/// SiLU, `x · σ(x)`.
+pub fn silu(x: &Tensor) -> candle_core::Result<Tensor> {
+    gate(x, Gate::Silu)
+}
+
+/// The tanh-approximate GELU ("gelu-approximate", "gelu_pytorch_tanh").
+pub fn gelu_tanh(x: &Tensor) -> candle_core::Result<Tensor> {
+    gate(x, Gate::GeluTanh)
+}
+
+/// CLIP's quick GELU, `x · σ(1.702 x)`.
+pub fn quick_gelu(x: &Tensor) -> candle_core::Result<Tensor> {
+    gate(x, Gate::QuickGelu)
+}
+
+/// For inference in f32 on the CPU fresco's one-pass kernel ([`super::activation`]), elsewhere and
+/// while a gradient is recorded candle's ops.
+fn gate(x: &Tensor, gate: Gate) -> candle_core::Result<Tensor> {
+    if !fused::recording(&[x]) && fused::cpu_f32(&[x]) {
+        return super::activation::gated(x, gate);
+    }
+    match gate {
+        Gate::Silu => candle_nn::ops::silu(x),
+        Gate::GeluTanh => x.gelu(),
+        Gate::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
+    }
 }
 
 fn attention_in_blocks(q: &Tensor, k: &Tensor, v: &Tensor, max_elements: usize) -> candle_core::Result<Tensor> {
@@ -344,7 +373,7 @@ impl Mlp {
         Ok(Self { l1: linear(inp, out, vb.pp("linear_1"))?, l2: linear(out, out, vb.pp("linear_2"))? })
     }
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.l2.forward(&candle_nn::ops::silu(&self.l1.forward(x)?)?)
+        self.l2.forward(&silu(&self.l1.forward(x)?)?)
     }
 }
 
@@ -360,7 +389,7 @@ impl FeedForward {
     }
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         // GELU with the tanh approximation ("gelu-approximate").
-        self.down.forward(&self.up.forward(x)?.gelu()?)
+        self.down.forward(&gelu_tanh(&self.up.forward(x)?)?)
     }
 }
 
@@ -369,6 +398,24 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device};
     use candle_nn::VarMap;
+
+    /// Each activation gives the same values with and without a gradient recorded (fresco's kernel and
+    /// candle's ops), and while one is recorded it reaches the input.
+    #[test]
+    fn activations_match_and_pass_gradients_while_recording() {
+        let x = candle_core::Var::randn(0f32, 3., (4, 33), &Device::Cpu).expect("x");
+        for (name, f) in
+            [("silu", silu as fn(&Tensor) -> candle_core::Result<Tensor>), ("gelu_tanh", gelu_tanh), ("quick_gelu", quick_gelu)]
+        {
+            let recorded = f(x.as_tensor()).expect("recorded");
+            let inference = f(&x.as_tensor().detach()).expect("inference");
+            let diff =
+                (&recorded - &inference).expect("sub").abs().expect("abs").max_all().expect("max").to_scalar::<f32>().expect("scalar");
+            assert!(diff < 1e-5, "{name}: max difference {diff}");
+            let grads = recorded.sum_all().expect("sum").backward().expect("backward");
+            assert!(grads.get(x.as_tensor()).is_some(), "{name}: no gradient");
+        }
+    }
 
     /// The training path (im2col) computes exactly what candle's kernel computes at inference.
     #[test]

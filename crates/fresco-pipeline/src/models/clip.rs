@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{embedding, Embedding, VarBuilder};
 
-use super::blocks::{linear, linear_no_bias, softmax_last_dim, LayerNorm, Linear};
+use super::blocks::{linear, linear_no_bias, quick_gelu, softmax_last_dim, LayerNorm, Linear};
 use crate::error::{PipelineError, Result};
 use crate::loader::{Config, Weights};
 
@@ -96,7 +96,7 @@ impl Layer {
         let x = (x + self.attn.forward(&self.ln1.forward(x)?, mask)?)?;
         let h = self.fc1.forward(&self.ln2.forward(&x)?)?;
         let h = match self.act {
-            Activation::QuickGelu => (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?,
+            Activation::QuickGelu => quick_gelu(&h)?,
             Activation::Gelu => h.gelu_erf()?,
         };
         x + self.fc2.forward(&h)?

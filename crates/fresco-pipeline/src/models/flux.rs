@@ -8,7 +8,8 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use super::blocks::{
-    attention, layer_norm_plain, linear, merge_heads, modulate, qk_heads, split_heads, timestep_embedding, FeedForward, Linear, Mlp, QkNorm,
+    attention, gelu_tanh, layer_norm_plain, linear, merge_heads, modulate, qk_heads, silu, split_heads, timestep_embedding, FeedForward,
+    Linear, Mlp, QkNorm,
 };
 use crate::error::{PipelineError, Result};
 use crate::loader::{Config, Weights};
@@ -110,7 +111,7 @@ impl DoubleBlock {
     }
 
     fn forward(&self, x: &Tensor, ctx: &Tensor, temb: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
-        let t = candle_nn::ops::silu(temb)?;
+        let t = silu(temb)?;
         let m = self.norm1.forward(&t)?.chunk(6, 1)?;
         let c = self.norm1_context.forward(&t)?.chunk(6, 1)?;
         let nx = modulate(&layer_norm_plain(x, 1e-6)?, &m[0], &m[1])?;
@@ -161,9 +162,9 @@ impl SingleBlock {
     }
 
     fn forward(&self, x: &Tensor, temb: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-        let m = self.norm.forward(&candle_nn::ops::silu(temb)?)?.chunk(3, 1)?;
+        let m = self.norm.forward(&silu(temb)?)?.chunk(3, 1)?;
         let nx = modulate(&layer_norm_plain(x, 1e-6)?, &m[0], &m[1])?;
-        let mlp = self.proj_mlp.forward(&nx)?.gelu()?;
+        let mlp = gelu_tanh(&self.proj_mlp.forward(&nx)?)?;
         let (q, k) = qk_heads(&self.q, &self.k, Some(&self.qk), &nx, self.heads)?;
         let (q, k) = (rope(&q, cos, sin)?, rope(&k, cos, sin)?);
         let v = split_heads(&self.v.forward(&nx)?, self.heads)?;
@@ -272,7 +273,7 @@ impl Flux {
             joint = block.forward(&joint, &temb, &cos, &sin)?;
         }
         let x = joint.narrow(1, n_txt, joint.dim(1)? - n_txt)?;
-        let m = self.norm_out.forward(&candle_nn::ops::silu(&temb)?)?.chunk(2, 1)?;
+        let m = self.norm_out.forward(&silu(&temb)?)?.chunk(2, 1)?;
         self.proj_out.forward(&modulate(&layer_norm_plain(&x, 1e-6)?, &m[1], &m[0])?)
     }
 }

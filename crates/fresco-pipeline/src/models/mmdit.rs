@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use super::blocks::{
-    attention, conv, layer_norm_plain, linear, merge_heads, modulate, qk_heads, split_heads, timestep_embedding, Conv2d, FeedForward,
+    attention, conv, layer_norm_plain, linear, merge_heads, modulate, qk_heads, silu, split_heads, timestep_embedding, Conv2d, FeedForward,
     Linear, Mlp, QkNorm,
 };
 use crate::error::{PipelineError, Result};
@@ -156,7 +156,7 @@ impl JointBlock {
     }
 
     fn forward(&self, x: &Tensor, ctx: &Tensor, temb: &Tensor) -> candle_core::Result<(Option<Tensor>, Tensor)> {
-        let t = candle_nn::ops::silu(temb)?;
+        let t = silu(temb)?;
         let m = self.norm1.forward(&t)?.chunk(if self.attn2.is_some() { 9 } else { 6 }, 1)?;
         let (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) = (&m[0], &m[1], &m[2], &m[3], &m[4], &m[5]);
         let ln_x = layer_norm_plain(x, 1e-6)?;
@@ -258,7 +258,7 @@ impl Mmdit {
             ctx = c;
             x = nx;
         }
-        let m = self.norm_out.forward(&candle_nn::ops::silu(&temb)?)?.chunk(2, 1)?;
+        let m = self.norm_out.forward(&silu(&temb)?)?.chunk(2, 1)?;
         let x = modulate(&layer_norm_plain(&x, 1e-6)?, &m[1], &m[0])?;
         let x = self.proj_out.forward(&x)?;
         // Unpatchify: [B, gh*gw, p*p*C] → [B, C, gh*p, gw*p].

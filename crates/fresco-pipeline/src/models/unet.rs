@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use super::blocks::{
-    attention, conv, geglu, group_norm, linear, linear_no_bias, merge_heads, split_heads, timestep_embedding, Conv2d, Downsample,
+    attention, conv, geglu, group_norm, linear, linear_no_bias, merge_heads, silu, split_heads, timestep_embedding, Conv2d, Downsample,
     GroupNorm, LayerNorm, Linear, ResnetBlock, Upsample,
 };
 use crate::error::{PipelineError, Result};
@@ -272,7 +272,7 @@ impl TimestepMlp {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.l2.forward(&candle_nn::ops::silu(&self.l1.forward(x)?)?)
+        self.l2.forward(&silu(&self.l1.forward(x)?)?)
     }
 }
 
@@ -443,7 +443,7 @@ impl UNet {
                 x = u.forward(&x, size)?;
             }
         }
-        let x = candle_nn::ops::silu(&self.norm_out.forward(&x)?)?;
+        let x = silu(&self.norm_out.forward(&x)?)?;
         self.conv_out.forward(&x)
     }
 }

@@ -5,7 +5,10 @@
 //! GELU over SD's feed-forward activations they took a tenth of a U-Net evaluation.
 
 /// Runs `f` compiled for the widest vector units the CPU has: AVX-512, else AVX2, else the build's
-/// baseline. The loops inside `f` must be inlined into it (`#[inline(always)]` helpers) to profit.
+/// baseline. Only code inlined into the trampolines below profits, so the closure must be marked
+/// `#[inline(always)]` (it has three call sites, and a large one is otherwise called, not inlined),
+/// its helpers too, and its loops plain `for` loops over slices (an iterator chain ending in
+/// `collect()` or `fold` goes through library functions that stay out of line and run on SSE).
 #[inline(always)]
 pub fn vectorised<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
@@ -68,6 +71,27 @@ pub fn gelu_erf(x: f32) -> f32 {
     x * phi
 }
 
+/// The logistic function `1 / (1 + e^−z)`, branch-free: the exponential is only ever taken of
+/// `−|z|`, and the two halves of the curve are selected, not branched to.
+#[inline(always)]
+pub fn sigmoid(z: f32) -> f32 {
+    let e = exp_nonpositive(-z.abs());
+    let r = 1.0 / (1.0 + e);
+    if z >= 0.0 {
+        r
+    } else {
+        e * r
+    }
+}
+
+/// The tanh-approximate GELU, `x/2 · (1 + tanh(√(2/π) · (x + 0.044715 x³)))`, written as
+/// `x · σ(2u)` (the same function: `1 + tanh(u) = 2σ(2u)`), so no `tanhf` call.
+#[inline(always)]
+pub fn gelu_tanh(x: f32) -> f32 {
+    const TWO_SQRT_2_OVER_PI: f32 = 1.595_769_1;
+    x * sigmoid(TWO_SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,6 +122,27 @@ mod tests {
         assert_eq!(gelu_erf(0.0), 0.0);
         assert!(gelu_erf(-100.0).abs() < 1e-30);
         assert_eq!(gelu_erf(100.0), 100.0);
+    }
+
+    /// Against candle's SiLU, tanh GELU and the sigmoid-based quick GELU, which these replace.
+    #[test]
+    fn gates_match_candles() {
+        let xs: Vec<f32> = (-300_000..=300_000).map(|i| i as f32 / 5_000.0).collect();
+        let t = candle_core::Tensor::new(xs.as_slice(), &candle_core::Device::Cpu).expect("tensor");
+        let cases: [(&str, candle_core::Result<candle_core::Tensor>, fn(f32) -> f32); 3] = [
+            ("silu", candle_nn::ops::silu(&t), |x| x * sigmoid(x)),
+            ("gelu", t.gelu(), gelu_tanh),
+            ("quick_gelu", (&t * 1.702).and_then(|s| candle_nn::ops::sigmoid(&s)).and_then(|s| &t * s), |x| x * sigmoid(1.702 * x)),
+        ];
+        for (name, want, ours) in cases {
+            let want = want.and_then(|w| w.to_vec1::<f32>()).expect("candle's op");
+            let worst = xs.iter().zip(&want).map(|(&x, &w)| (ours(x) - w).abs() / x.abs().max(1.0)).fold(0f32, f32::max);
+            assert!(worst < 5e-7, "{name}: worst error {worst:e} (relative to max(|x|, 1))");
+        }
+        assert_eq!(sigmoid(0.0), 0.5);
+        assert_eq!(sigmoid(200.0), 1.0);
+        assert!(sigmoid(-200.0) >= 0.0 && sigmoid(-200.0) < 1e-37);
+        assert!(sigmoid(f32::NAN).is_nan());
     }
 
     #[test]
