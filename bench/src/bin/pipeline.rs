@@ -78,7 +78,8 @@ fn sd15_unet(spec: &DeviceSpec, batches: &[usize]) -> anyhow::Result<()> {
             device.synchronize()?;
         }
         let started = Instant::now();
-        unet.forward(&x, 500.0, &ctx, None)?;
+        // On a pool thread, as `Pipeline::generate` runs it.
+        fresco_pipeline::on_compute_pool(|| unet.forward(&x, 500.0, &ctx, None))?;
         device.synchronize()?;
         let secs = started.elapsed().as_secs_f64();
         println!("{b:>5} {:>14.2} {:>12.2}", secs, secs);
