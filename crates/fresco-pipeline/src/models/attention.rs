@@ -21,16 +21,36 @@ const TASK_SCORES: usize = 1 << 16;
 /// `softmax(q kᵀ / √d) v` over `[B, heads, N, d]` queries and `[B, heads, M, d]` keys and values, of
 /// any strides, f32 on the CPU, without a backward pass; a contiguous `[B, heads, N, d]` result.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    let (b, h, _, d) = q.dims4()?;
+    let [_, _, _, _, d] = fit(q, k, v)?;
+    q.apply_op3_no_bwd(k, v, &Attention { scale: (d as f32).powf(-0.5), bias: None, task_scores: TASK_SCORES })
+}
+
+/// `softmax(scale · q kᵀ + bias) v`, as [`attention`], with an additive `[heads, N, M]` bias that every
+/// batch element shares (T5's relative positions).
+pub fn biased_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: &Tensor) -> Result<Tensor> {
+    let [_, h, n, m, _] = fit(q, k, v)?;
+    if bias.dims() != [h, n, m] {
+        candle_core::bail!("attention: a bias of {:?} does not fit {h} heads of {n} queries and {m} keys", bias.dims())
+    }
+    let bias = Some(bias.flatten_all()?.to_vec1::<f32>()?);
+    q.apply_op3_no_bwd(k, v, &Attention { scale: scale as f32, bias, task_scores: TASK_SCORES })
+}
+
+/// `[B, heads, N, M, d]` of operands that fit together: queries `[B, heads, N, d]`, keys and values
+/// `[B, heads, M, d]` with at least one key.
+fn fit(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<[usize; 5]> {
+    let (b, h, n, d) = q.dims4()?;
     let (kb, kh, m, kd) = k.dims4()?;
     if (kb, kh, kd) != (b, h, d) || v.dims() != k.dims() || m == 0 {
         candle_core::bail!("attention: queries {:?}, keys {:?} and values {:?} do not fit", q.dims(), k.dims(), v.dims())
     }
-    q.apply_op3_no_bwd(k, v, &Attention { scale: (d as f32).powf(-0.5), task_scores: TASK_SCORES })
+    Ok([b, h, n, m, d])
 }
 
 struct Attention {
     scale: f32,
+    /// `[heads, N, M]`, added to the scaled scores.
+    bias: Option<Vec<f32>>,
     task_scores: usize,
 }
 
@@ -78,6 +98,10 @@ impl CustomOp3 for Attention {
         tasks.par_iter().for_each_init(Vec::new, |scores: &mut Vec<f32>, &(bi, hi, r0)| {
             let r = rows.min(n - r0);
             scores.resize(r * m, 0.0);
+            // A bias goes into the scores first; the product then adds onto it (`read_dst`, alpha 1).
+            if let Some(bias) = &self.bias {
+                scores.copy_from_slice(&bias[(hi * n + r0) * m..][..r * m]);
+            }
             // SAFETY: the scores are `r × m`, contiguous; q's rows r0.. and k's m rows of this head lie
             // inside their storages at the layouts' strides.
             unsafe {
@@ -88,14 +112,14 @@ impl CustomOp3 for Attention {
                     scores.as_mut_ptr(),
                     1,
                     m as isize,
-                    false,
+                    self.bias.is_some(),
                     q.row(bi, hi, r0),
                     q.strides[3] as isize,
                     q.strides[2] as isize,
                     k.row(bi, hi, 0),
                     k.strides[2] as isize,
                     k.strides[3] as isize,
-                    0.0,
+                    1.0,
                     self.scale,
                     false,
                     false,
@@ -186,11 +210,13 @@ fn exp_shifted(row: &mut [f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, D};
+    use candle_core::Device;
 
-    fn reference(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
-        let d = q.dim(D::Minus1).expect("d");
-        let scores = (q.matmul(&k.t().expect("t")).expect("qk") * (d as f64).powf(-0.5)).expect("scale");
+    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: Option<&Tensor>) -> Tensor {
+        let mut scores = (q.matmul(&k.t().expect("t")).expect("qk") * scale).expect("scale");
+        if let Some(bias) = bias {
+            scores = scores.broadcast_add(bias).expect("bias");
+        }
         candle_nn::ops::softmax_last_dim(&scores).expect("softmax").matmul(v).expect("pv")
     }
 
@@ -203,12 +229,20 @@ mod tests {
             let q = Tensor::randn(0f32, 2., (b, h, n, d), &dev).expect("q");
             let k = Tensor::randn(0f32, 2., (b, h, m, d), &dev).expect("k");
             let v = Tensor::randn(0f32, 1., (b, h, m, d), &dev).expect("v");
-            let want = reference(&q, &k, &v);
+            let scale = (d as f64).powf(-0.5);
+            let want = reference(&q, &k, &v, scale, None);
+            // A per-head bias, unscaled scores (T5's attention).
+            let bias = Tensor::randn(0f32, 3., (h, n, m), &dev).expect("bias");
+            let want_biased = reference(&q, &k, &v, 1.0, Some(&bias));
             for task_scores in [1, 3 * m, usize::MAX / 2] {
-                let op = Attention { scale: (d as f32).powf(-0.5), task_scores };
-                let got = q.apply_op3_no_bwd(&k, &v, &op).expect("attention");
-                let diff = (&got - &want).expect("diff").abs().expect("abs").max_all().expect("max").to_scalar::<f32>().expect("scalar");
-                assert!(diff < 1e-5, "{b}×{h}×{n}×{m}×{d}, tasks of {task_scores} scores: max |Δ| {diff}");
+                let plain = Attention { scale: scale as f32, bias: None, task_scores };
+                let biased = Attention { scale: 1.0, bias: Some(bias.flatten_all().and_then(|b| b.to_vec1()).expect("bias")), task_scores };
+                for (op, want) in [(plain, &want), (biased, &want_biased)] {
+                    let got = q.apply_op3_no_bwd(&k, &v, &op).expect("attention");
+                    let diff = (&got - want).expect("diff").abs().expect("abs").max_all().expect("max").to_scalar::<f32>().expect("scalar");
+                    let what = if op.bias.is_some() { "biased" } else { "plain" };
+                    assert!(diff < 1e-5, "{what} {b}×{h}×{n}×{m}×{d}, tasks of {task_scores} scores: max |Δ| {diff}");
+                }
             }
             // Heads split from `[B, N, heads·d]` without a copy: strides of a transposed view.
             let strided = |t: &Tensor| {
@@ -238,5 +272,7 @@ mod tests {
         let t = |dims: (usize, usize, usize, usize)| Tensor::zeros(dims, candle_core::DType::F32, &dev).expect("t");
         assert!(attention(&t((1, 2, 3, 4)), &t((1, 2, 5, 8)), &t((1, 2, 5, 8))).is_err(), "head sizes differ");
         assert!(attention(&t((1, 2, 3, 4)), &t((1, 2, 5, 4)), &t((1, 2, 6, 4))).is_err(), "keys and values differ");
+        let bias = Tensor::zeros((2, 3, 4), candle_core::DType::F32, &dev).expect("bias");
+        assert!(biased_attention(&t((1, 2, 3, 4)), &t((1, 2, 5, 4)), &t((1, 2, 5, 4)), 1.0, &bias).is_err(), "bias for 4 keys, not 5");
     }
 }

@@ -215,6 +215,16 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tens
     attention_in_blocks(q, k, v, ATTENTION_BLOCK_ELEMENTS)
 }
 
+/// `softmax(scale · q kᵀ + bias) v` with an additive `[heads, N, M]` bias shared by the batch (T5's
+/// relative positions): for inference in f32 on the CPU fresco's kernel, elsewhere candle's ops.
+pub fn biased_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: &Tensor) -> candle_core::Result<Tensor> {
+    if !fused::recording(&[q, k, v, bias]) && fused::cpu_f32(&[q, k, v, bias]) {
+        return super::attention::biased_attention(q, k, v, scale, bias);
+    }
+    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias.unsqueeze(0)?)?;
+    softmax_last_dim(&scores)?.matmul(v)
+}
+
 /// GEGLU, `a · gelu_erf(g)` over the halves `[a, g]` of `h`'s last dimension: for inference in f32 on
 /// the CPU fresco's one-pass kernel ([`super::activation`]), elsewhere candle's ops.
 pub fn geglu(h: &Tensor) -> candle_core::Result<Tensor> {
