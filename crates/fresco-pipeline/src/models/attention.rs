@@ -8,10 +8,11 @@
 //! multiply to the second, and the softmax runs on vectors. The softmax divides the output rows, not the
 //! scores: `d` values a query instead of `M`.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
+use super::broadcast::contiguous_f32;
 use super::conv::Out;
 use super::vector_math::{exp_nonpositive, vectorised};
 
@@ -32,8 +33,8 @@ pub fn biased_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: &T
     if bias.dims() != [h, n, m] {
         candle_core::bail!("attention: a bias of {:?} does not fit {h} heads of {n} queries and {m} keys", bias.dims())
     }
-    let bias = Some(bias.flatten_all()?.to_vec1::<f32>()?);
-    q.apply_op3_no_bwd(k, v, &Attention { scale: scale as f32, bias, task_scores: TASK_SCORES })
+    // Read in place by the kernel: T5 passes the same bias to every layer.
+    q.apply_op3_no_bwd(k, v, &Attention { scale: scale as f32, bias: Some(bias.contiguous()?), task_scores: TASK_SCORES })
 }
 
 /// `[B, heads, N, M, d]` of operands that fit together: queries `[B, heads, N, d]`, keys and values
@@ -49,8 +50,8 @@ fn fit(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<[usize; 5]> {
 
 struct Attention {
     scale: f32,
-    /// `[heads, N, M]`, added to the scaled scores.
-    bias: Option<Vec<f32>>,
+    /// `[heads, N, M]`, contiguous f32 on the CPU, added to the scaled scores.
+    bias: Option<Tensor>,
     task_scores: usize,
 }
 
@@ -91,6 +92,14 @@ impl CustomOp3 for Attention {
         let m = kl.shape().dims()[2];
         let (q, k, v) = (Operand::new(qs, ql)?, Operand::new(ks, kl)?, Operand::new(vs, vl)?);
         let rows = (self.task_scores / m.max(1)).clamp(1, n.max(1));
+        let bias_storage = self.bias.as_ref().map(Tensor::storage_and_layout);
+        let bias = match &bias_storage {
+            None => None,
+            Some((storage, layout)) => match &**storage {
+                Storage::Cpu(cpu) => Some(contiguous_f32(cpu, layout)?),
+                _ => candle_core::bail!("attention: the bias is not on the CPU"),
+            },
+        };
         let mut out = vec![0f32; b * h * n * d];
         let dst = Out(out.as_mut_ptr());
         let tasks: Vec<(usize, usize, usize)> =
@@ -99,7 +108,7 @@ impl CustomOp3 for Attention {
             let r = rows.min(n - r0);
             scores.resize(r * m, 0.0);
             // A bias goes into the scores first; the product then adds onto it (`read_dst`, alpha 1).
-            if let Some(bias) = &self.bias {
+            if let Some(bias) = bias {
                 scores.copy_from_slice(&bias[(hi * n + r0) * m..][..r * m]);
             }
             // SAFETY: the scores are `r × m`, contiguous; q's rows r0.. and k's m rows of this head lie
@@ -112,7 +121,7 @@ impl CustomOp3 for Attention {
                     scores.as_mut_ptr(),
                     1,
                     m as isize,
-                    self.bias.is_some(),
+                    bias.is_some(),
                     q.row(bi, hi, r0),
                     q.strides[3] as isize,
                     q.strides[2] as isize,
@@ -236,7 +245,7 @@ mod tests {
             let want_biased = reference(&q, &k, &v, 1.0, Some(&bias));
             for task_scores in [1, 3 * m, usize::MAX / 2] {
                 let plain = Attention { scale: scale as f32, bias: None, task_scores };
-                let biased = Attention { scale: 1.0, bias: Some(bias.flatten_all().and_then(|b| b.to_vec1()).expect("bias")), task_scores };
+                let biased = Attention { scale: 1.0, bias: Some(bias.clone()), task_scores };
                 for (op, want) in [(plain, &want), (biased, &want_biased)] {
                     let got = q.apply_op3_no_bwd(&k, &v, &op).expect("attention");
                     let diff = (&got - want).expect("diff").abs().expect("abs").max_all().expect("max").to_scalar::<f32>().expect("scalar");

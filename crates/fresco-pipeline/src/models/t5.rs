@@ -8,8 +8,8 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{embedding, Embedding, VarBuilder};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{embedding, rms_norm, Embedding, RmsNorm, VarBuilder};
 
 use super::blocks::{biased_attention, gelu_tanh, linear_no_bias, merge_heads, silu, split_heads, Linear};
 use crate::error::{PipelineError, Result};
@@ -112,37 +112,18 @@ impl T5Config {
     }
 }
 
-/// T5's layer norm: a scale, no shift, no mean subtracted, the statistics in f32.
-struct T5Norm {
-    weight: Tensor,
-    eps: f64,
-}
-
-impl T5Norm {
-    fn new(d: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<Self> {
-        Ok(Self { weight: vb.get(d, "weight")?, eps })
-    }
-
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let dtype = x.dtype();
-        let x32 = x.to_dtype(DType::F32)?;
-        let variance = x32.sqr()?.mean_keepdim(D::Minus1)?;
-        x32.broadcast_div(&(variance + self.eps)?.sqrt()?)?.to_dtype(dtype)?.broadcast_mul(&self.weight.to_dtype(dtype)?)
-    }
-}
-
 enum FeedForward {
     Plain { wi: Linear, wo: Linear },
     Gated { wi_0: Linear, wi_1: Linear, wo: Linear },
 }
 
 struct Block {
-    attention_norm: T5Norm,
+    attention_norm: RmsNorm,
     q: Linear,
     k: Linear,
     v: Linear,
     o: Linear,
-    ff_norm: T5Norm,
+    ff_norm: RmsNorm,
     ff: FeedForward,
     heads: usize,
     activation: Activation,
@@ -155,12 +136,13 @@ impl Block {
         let inner = c.num_heads * c.d_kv;
         let dense = ff.pp("DenseReluDense");
         Ok(Self {
-            attention_norm: T5Norm::new(c.d_model, c.eps, attention.pp("layer_norm"))?,
+            // T5's layer norm is an RMS norm: a scale, no shift, no mean subtracted, statistics in f32.
+            attention_norm: rms_norm(c.d_model, c.eps, attention.pp("layer_norm"))?,
             q: linear_no_bias(c.d_model, inner, sa.pp("q"))?,
             k: linear_no_bias(c.d_model, inner, sa.pp("k"))?,
             v: linear_no_bias(c.d_model, inner, sa.pp("v"))?,
             o: linear_no_bias(inner, c.d_model, sa.pp("o"))?,
-            ff_norm: T5Norm::new(c.d_model, c.eps, ff.pp("layer_norm"))?,
+            ff_norm: rms_norm(c.d_model, c.eps, ff.pp("layer_norm"))?,
             ff: if c.gated {
                 FeedForward::Gated {
                     wi_0: linear_no_bias(c.d_model, c.d_ff, dense.pp("wi_0"))?,
@@ -199,7 +181,7 @@ pub struct T5Encoder {
     /// `[buckets, heads]`: block 0's relative-attention table, which every block uses.
     position_table: Tensor,
     blocks: Vec<Block>,
-    final_norm: T5Norm,
+    final_norm: RmsNorm,
     pub d_model: usize,
 }
 
@@ -217,7 +199,7 @@ impl T5Encoder {
         let position_table =
             weights.context(enc.pp("block.0.layer.0.SelfAttention.relative_attention_bias").get((c.num_buckets, c.num_heads), "weight"))?;
         let blocks = (0..c.num_layers).map(|i| weights.context(Block::new(c, enc.pp(format!("block.{i}"))))).collect::<Result<_>>()?;
-        let final_norm = weights.context(T5Norm::new(c.d_model, c.eps, enc.pp("final_layer_norm")))?;
+        let final_norm = weights.context(rms_norm(c.d_model, c.eps, enc.pp("final_layer_norm")))?;
         Ok(Self { d_model: c.d_model, config, embed, position_table, blocks, final_norm })
     }
 
