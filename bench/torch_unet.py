@@ -44,18 +44,37 @@ if sys.argv[1] == "sd15":
         print(f"{b:>5} {time.perf_counter() - t:>14.2f}")
 else:
     root = "tests/fixtures/models/"
-    print("fixture    batch  s/step  images/s")
+    # The same columns as fresco's bench: the denoiser's share per step, and the prompt encoding and
+    # VAE decode of the batch, timed by wrapping the pipeline's own components.
+    print(f"{'fixture':<10} {'batch':>5} {'s/step':>8} {'images/s':>9} {'s encode':>9} {'s decode':>9}")
     for model in ["tiny-sd15", "tiny-sdxl", "tiny-sd3", "tiny-flux"]:
         if not os.path.isdir(root + model):
             print(f"{model:<10} not present, skipped")
             continue
         pipe = DiffusionPipeline.from_pretrained(root + model, torch_dtype=torch.float32).to(DEVICE)
+        spent = {}
+
+        def timed(name, f):
+            def call(*args, **kwargs):
+                sync()
+                t = time.perf_counter()
+                out = f(*args, **kwargs)
+                sync()
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t
+                return out
+            return call
+
+        denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+        denoiser.forward = timed("denoise", denoiser.forward)
+        pipe.encode_prompt = timed("encode", pipe.encode_prompt)
+        pipe.vae.decode = timed("decode", pipe.vae.decode)
         for b in [1, 4, 16]:
             prompts = [f"a red circle number {i}" for i in range(b)]
             pipe(prompts, num_inference_steps=8, height=64, width=64)
             sync()
+            spent.clear()
             t = time.perf_counter()
             pipe(prompts, num_inference_steps=8, height=64, width=64)
             sync()
             total = time.perf_counter() - t
-            print(f"{model:<10} {b:>5} {total / 8:>7.4f} {b / total:>9.2f}")
+            print(f"{model:<10} {b:>5} {spent['denoise'] / 8:>8.4f} {b / total:>9.2f} {spent['encode']:>9.4f} {spent['decode']:>9.4f}")

@@ -8,6 +8,7 @@ use super::broadcast;
 use super::conv;
 use super::fused;
 use super::im2col::im2col;
+use super::linear;
 
 pub fn conv(in_c: usize, out_c: usize, kernel: usize, stride: usize, padding: usize, vb: VarBuilder) -> candle_core::Result<Conv2d> {
     Ok(Conv2d(conv2d(in_c, out_c, kernel, Conv2dConfig { padding, stride, ..Default::default() }, vb)?))
@@ -49,8 +50,9 @@ impl Module for Conv2d {
     }
 }
 
-/// A linear layer: candle's, except that while a gradient is recorded the bias goes through
-/// [`broadcast::add`], whose backward is fast on the CPU.
+/// A linear layer. For inference in f32 on the CPU it is fresco's own ([`linear::linear`]: one matrix
+/// multiply onto the bias); while a gradient is recorded it is candle's, with the bias added through
+/// [`broadcast::add`], whose backward is fast on the CPU; GPUs and other dtypes keep candle's.
 pub struct Linear(candle_nn::Linear);
 
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
@@ -63,8 +65,12 @@ pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_c
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self.0.bias() {
-            Some(bias) if bias.track_op() => broadcast::add(&candle_nn::Linear::new(self.0.weight().clone(), None).forward(x)?, bias),
+        let (weight, bias) = (self.0.weight(), self.0.bias());
+        let training = x.track_op() || weight.track_op() || bias.is_some_and(Tensor::track_op);
+        let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32;
+        match bias {
+            _ if cpu_f32 && !training => linear::linear(x, weight, bias),
+            Some(bias) if bias.track_op() => broadcast::add(&candle_nn::Linear::new(weight.clone(), None).forward(x)?, bias),
             _ => self.0.forward(x),
         }
     }
