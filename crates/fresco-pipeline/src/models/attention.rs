@@ -20,10 +20,12 @@ use super::vector_math::{exp_nonpositive, vectorised};
 const TASK_SCORES: usize = 1 << 16;
 
 /// `softmax(q kᵀ / √d) v` over `[B, heads, N, d]` queries and `[B, heads, M, d]` keys and values, of
-/// any strides, f32 on the CPU, without a backward pass; a contiguous `[B, heads, N, d]` result.
+/// any strides (heads split off a `[B, N, heads·d]` projection are read in place), f32 on the CPU,
+/// without a backward pass. The `[B, heads, N, d]` result is a view of `[B, N, heads, d]` storage, so
+/// that merging the heads back ([`super::blocks::merge_heads`]) is a reshape, not a copy.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let [_, _, _, _, d] = fit(q, k, v)?;
-    q.apply_op3_no_bwd(k, v, &Attention { scale: (d as f32).powf(-0.5), bias: None, task_scores: TASK_SCORES })
+    q.apply_op3_no_bwd(k, v, &Attention { scale: (d as f32).powf(-0.5), bias: None, task_scores: TASK_SCORES })?.transpose(1, 2)
 }
 
 /// `softmax(scale · q kᵀ + bias) v`, as [`attention`], with an additive `[heads, N, M]` bias that every
@@ -34,7 +36,7 @@ pub fn biased_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: &T
         candle_core::bail!("attention: a bias of {:?} does not fit {h} heads of {n} queries and {m} keys", bias.dims())
     }
     // Read in place by the kernel: T5 passes the same bias to every layer.
-    q.apply_op3_no_bwd(k, v, &Attention { scale: scale as f32, bias: Some(bias.contiguous()?), task_scores: TASK_SCORES })
+    q.apply_op3_no_bwd(k, v, &Attention { scale: scale as f32, bias: Some(bias.contiguous()?), task_scores: TASK_SCORES })?.transpose(1, 2)
 }
 
 /// `[B, heads, N, M, d]` of operands that fit together: queries `[B, heads, N, d]`, keys and values
@@ -137,9 +139,10 @@ impl CustomOp3 for Attention {
                 )
             };
             let sums = exp_shifted_rows(scores, m);
-            let first = ((bi * h + hi) * n + r0) * d;
-            // SAFETY: this task's output rows (r × d, contiguous) are its own; v's m rows of this head
-            // lie inside its storage.
+            // Output rows are `[B, N, heads, d]`: this head's rows are heads·d apart.
+            let (first, row_stride) = (((bi * n + r0) * h + hi) * d, h * d);
+            // SAFETY: this task's output rows (r rows of d, row_stride apart) are its own; v's m rows of
+            // this head lie inside its storage.
             unsafe {
                 gemm(
                     r,
@@ -147,7 +150,7 @@ impl CustomOp3 for Attention {
                     m,
                     dst.at(first),
                     1,
-                    d as isize,
+                    row_stride as isize,
                     false,
                     scores.as_ptr(),
                     1,
@@ -165,11 +168,11 @@ impl CustomOp3 for Attention {
             };
             for (i, sum) in sums.iter().enumerate() {
                 // SAFETY: row i of this task's output, as above.
-                let row = unsafe { std::slice::from_raw_parts_mut(dst.at(first + i * d), d) };
+                let row = unsafe { std::slice::from_raw_parts_mut(dst.at(first + i * row_stride), d) };
                 row.iter_mut().for_each(|x| *x /= sum);
             }
         });
-        Ok((CpuStorage::F32(out), Shape::from((b, h, n, d))))
+        Ok((CpuStorage::F32(out), Shape::from((b, n, h, d))))
     }
 }
 
@@ -247,7 +250,7 @@ mod tests {
                 let plain = Attention { scale: scale as f32, bias: None, task_scores };
                 let biased = Attention { scale: 1.0, bias: Some(bias.clone()), task_scores };
                 for (op, want) in [(plain, &want), (biased, &want_biased)] {
-                    let got = q.apply_op3_no_bwd(&k, &v, &op).expect("attention");
+                    let got = q.apply_op3_no_bwd(&k, &v, &op).expect("attention").transpose(1, 2).expect("heads");
                     let diff = (&got - want).expect("diff").abs().expect("abs").max_all().expect("max").to_scalar::<f32>().expect("scalar");
                     let what = if op.bias.is_some() { "biased" } else { "plain" };
                     assert!(diff < 1e-5, "{what} {b}×{h}×{n}×{m}×{d}, tasks of {task_scores} scores: max |Δ| {diff}");

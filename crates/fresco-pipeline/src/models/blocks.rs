@@ -218,7 +218,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tens
     if !fused::recording(&[q, k, v]) && fused::cpu_f32(&[q, k, v]) {
         return super::attention::attention(q, k, v);
     }
-    attention_in_blocks(q, k, v, ATTENTION_BLOCK_ELEMENTS)
+    // candle's matmul takes heads split off a projection ([`split_heads`]) only as copies.
+    attention_in_blocks(&q.contiguous()?, &k.contiguous()?, &v.contiguous()?, ATTENTION_BLOCK_ELEMENTS)
 }
 
 /// `softmax(scale · q kᵀ + bias) v` with an additive `[heads, N, M]` bias shared by the batch (T5's
@@ -227,8 +228,8 @@ pub fn biased_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: &T
     if !fused::recording(&[q, k, v, bias]) && fused::cpu_f32(&[q, k, v, bias]) {
         return super::attention::biased_attention(q, k, v, scale, bias);
     }
-    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias.unsqueeze(0)?)?;
-    softmax_last_dim(&scores)?.matmul(v)
+    let scores = (q.contiguous()?.matmul(&k.contiguous()?.t()?)? * scale)?.broadcast_add(&bias.unsqueeze(0)?)?;
+    softmax_last_dim(&scores)?.matmul(&v.contiguous()?)
 }
 
 /// GEGLU, `a · gelu_erf(g)` over the halves `[a, g]` of `h`'s last dimension: for inference in f32 on
@@ -332,15 +333,17 @@ impl QkNorm {
 pub fn qk_heads(q: &Linear, k: &Linear, norm: Option<&QkNorm>, x: &Tensor, heads: usize) -> candle_core::Result<(Tensor, Tensor)> {
     let (q, k) = (split_heads(&q.forward(x)?, heads)?, split_heads(&k.forward(x)?, heads)?);
     match norm {
-        Some(n) => Ok((n.q.forward(&q)?, n.k.forward(&k)?)),
+        // candle-nn's RMS norm takes its one-pass kernel only for contiguous input.
+        Some(n) => Ok((n.q.forward(&q.contiguous()?)?, n.k.forward(&k.contiguous()?)?)),
         None => Ok((q, k)),
     }
 }
 
-/// Splits `[B, N, heads*d]` into `[B, heads, N, d]`.
+/// Splits `[B, N, heads*d]` into `[B, heads, N, d]`: a view, which fresco's attention kernel reads in
+/// place (a copy per head row, `d` floats, was a twentieth of tiny-sd15's U-Net step).
 pub fn split_heads(x: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
     let (b, n, c) = x.dims3()?;
-    x.reshape((b, n, heads, c / heads))?.transpose(1, 2)?.contiguous()
+    x.reshape((b, n, heads, c / heads))?.transpose(1, 2)
 }
 
 /// Inverse of [`split_heads`].
