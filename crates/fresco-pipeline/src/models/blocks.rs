@@ -66,10 +66,11 @@ pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_c
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (weight, bias) = (self.0.weight(), self.0.bias());
-        let training = x.track_op() || weight.track_op() || bias.is_some_and(Tensor::track_op);
-        let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32;
+        let args = [x, weight];
+        if fused::cpu_f32(&args) && !fused::recording(&args) && !bias.is_some_and(Tensor::track_op) {
+            return linear::linear(x, weight, bias);
+        }
         match bias {
-            _ if cpu_f32 && !training => linear::linear(x, weight, bias),
             Some(bias) if bias.track_op() => broadcast::add(&candle_nn::Linear::new(weight.clone(), None).forward(x)?, bias),
             _ => self.0.forward(x),
         }
