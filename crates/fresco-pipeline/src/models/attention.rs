@@ -9,11 +9,12 @@
 //! scores: `d` values a query instead of `M`.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
-use gemm::{gemm, Parallelism};
+use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::broadcast::contiguous_f32;
 use super::conv::Out;
+use super::matmul::{multiply, Strided};
 use super::vector_math::{exp_nonpositive, vectorised};
 
 /// Scores per task: 256 KiB of f32, which an L2 cache holds beside the task's queries and values.
@@ -116,25 +117,13 @@ impl CustomOp3 for Attention {
             // SAFETY: the scores are `r × m`, contiguous; q's rows r0.. and k's m rows of this head lie
             // inside their storages at the layouts' strides.
             unsafe {
-                gemm(
-                    r,
-                    m,
-                    d,
-                    scores.as_mut_ptr(),
-                    1,
-                    m as isize,
+                multiply(
+                    (r, m, d),
+                    Strided::rows(scores.as_mut_ptr(), m),
+                    Strided { ptr: q.row(bi, hi, r0), row: q.strides[2] as isize, col: q.strides[3] as isize },
+                    Strided { ptr: k.row(bi, hi, 0), row: k.strides[3] as isize, col: k.strides[2] as isize },
                     bias.is_some(),
-                    q.row(bi, hi, r0),
-                    q.strides[3] as isize,
-                    q.strides[2] as isize,
-                    k.row(bi, hi, 0),
-                    k.strides[2] as isize,
-                    k.strides[3] as isize,
-                    1.0,
                     self.scale,
-                    false,
-                    false,
-                    false,
                     Parallelism::None,
                 )
             };
@@ -144,25 +133,13 @@ impl CustomOp3 for Attention {
             // SAFETY: this task's output rows (r rows of d, row_stride apart) are its own; v's m rows of
             // this head lie inside its storage.
             unsafe {
-                gemm(
-                    r,
-                    d,
-                    m,
-                    dst.at(first),
-                    1,
-                    row_stride as isize,
+                multiply(
+                    (r, d, m),
+                    Strided::rows(dst.at(first), row_stride),
+                    Strided::rows(scores.as_ptr(), m),
+                    Strided { ptr: v.row(bi, hi, 0), row: v.strides[2] as isize, col: v.strides[3] as isize },
                     false,
-                    scores.as_ptr(),
-                    1,
-                    m as isize,
-                    v.row(bi, hi, 0),
-                    v.strides[3] as isize,
-                    v.strides[2] as isize,
-                    0.0,
                     1.0,
-                    false,
-                    false,
-                    false,
                     Parallelism::None,
                 )
             };

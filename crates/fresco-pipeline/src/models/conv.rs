@@ -8,11 +8,12 @@
 //! matrix multiply writes straight into the output through its strides, onto the bias already there.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
-use gemm::{gemm, Parallelism};
+use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::broadcast::contiguous_f32;
 use super::im2col::Geometry;
+use super::matmul::{multiply, Strided};
 
 /// Column entries per tile: 4 MiB of f32, a few rows of output at SD's sizes. Small enough that a
 /// tile stays in cache while the multiply reads it, large enough that the multiply runs at full speed.
@@ -140,25 +141,13 @@ impl CustomOp2 for Conv {
             // SAFETY: dst is `O` rows of `n` values, `plane` apart, inside batch element `b`'s output;
             // lhs is the `[O, depth]` weight and rhs a `[depth, n]` matrix `rhs_rs` apart, both in bounds.
             unsafe {
-                gemm(
-                    o,
-                    n,
-                    depth,
-                    dst.at(b * o * plane + y0 * ow),
-                    1,
-                    plane as isize,
+                multiply(
+                    (o, n, depth),
+                    Strided::rows(dst.at(b * o * plane + y0 * ow), plane),
+                    Strided::rows(weight.as_ptr(), depth),
+                    Strided::rows(rhs.as_ptr(), rhs_rs),
                     self.bias.is_some(),
-                    weight.as_ptr(),
-                    1,
-                    depth as isize,
-                    rhs.as_ptr(),
-                    1,
-                    rhs_rs as isize,
                     1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
                     parallelism,
                 )
             }

@@ -1,6 +1,6 @@
 //! The networks of the supported families, each built from its diffusers / transformers config.
 
-// The three CPU kernels call gemm through raw pointers and write one output buffer from parallel tasks,
+// The CPU kernels call gemm through raw pointers (`matmul`) and write one output buffer from parallel tasks,
 // and vector_math runs loops compiled for the CPU's vector units after checking that it has them: with
 // the weights' memory map, the crate's only unsafe code, each block under a SAFETY note.
 mod activation;
@@ -16,6 +16,8 @@ mod fused;
 mod im2col;
 #[allow(unsafe_code)]
 mod linear;
+#[allow(unsafe_code)]
+mod matmul;
 pub mod mmdit;
 pub mod t5;
 pub mod unet;
