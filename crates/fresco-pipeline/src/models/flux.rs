@@ -11,6 +11,7 @@ use super::blocks::{
     attention, gelu_tanh, layer_norm_plain, linear, merge_heads, modulate, qk_heads, silu, split_heads, timestep_embedding, FeedForward,
     Linear, Mlp, QkNorm,
 };
+use super::rope::rope;
 use crate::error::{PipelineError, Result};
 use crate::loader::{Config, Weights};
 
@@ -59,15 +60,6 @@ impl FluxConfig {
     fn inner(&self) -> usize {
         self.heads * self.head_dim
     }
-}
-
-/// Rotary embedding as diffusers applies it with `use_real_unbind_dim=-1`: consecutive pairs rotate.
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    let (b, h, n, d) = x.dims4()?;
-    let pairs = x.reshape((b, h, n, d / 2, 2))?;
-    let (re, im) = (pairs.narrow(4, 0, 1)?, pairs.narrow(4, 1, 1)?);
-    let rotated = Tensor::cat(&[&im.neg()?, &re], 4)?.reshape((b, h, n, d))?;
-    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
 }
 
 struct DoubleBlock {

@@ -19,6 +19,7 @@ mod linear;
 #[allow(unsafe_code)]
 mod matmul;
 pub mod mmdit;
+mod rope;
 pub mod t5;
 pub mod unet;
 pub mod vae;
