@@ -21,6 +21,20 @@ pub fn conv(in_c: usize, out_c: usize, kernel: usize, stride: usize, padding: us
 /// and other dtypes keep candle's kernels.
 pub struct Conv2d(candle_nn::Conv2d);
 
+impl Conv2d {
+    /// `residual + conv(x)`: for inference in f32 on the CPU with the residual added to each output tile
+    /// as it is finished ([`conv::conv2d_plus`]), elsewhere as a separate addition.
+    pub fn forward_plus(&self, x: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
+        let cfg = self.0.config();
+        let args = [x, self.0.weight(), residual];
+        let fresco_kernel = fused::cpu_f32(&args) && cfg.dilation == 1 && cfg.groups == 1;
+        if fresco_kernel && !fused::recording(&args) && !self.0.bias().is_some_and(Tensor::track_op) {
+            return conv::conv2d_plus(x, self.0.weight(), self.0.bias(), cfg.stride, cfg.padding, Some(residual));
+        }
+        residual + self.forward(x)?
+    }
+}
+
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let cfg = self.0.config();
@@ -144,12 +158,12 @@ impl ResnetBlock {
             let t = proj.forward(&silu(t)?)?.unsqueeze(2)?.unsqueeze(3)?;
             h = h.broadcast_add(&t)?;
         }
-        let h = self.conv2.forward(&silu(&self.norm2.forward(&h)?)?)?;
+        let h = silu(&self.norm2.forward(&h)?)?;
         let skip = match &self.shortcut {
             Some(s) => s.forward(x)?,
             None => x.clone(),
         };
-        let out = (skip + h)?;
+        let out = self.conv2.forward_plus(&h, &skip)?;
         if self.output_scale == 1.0 {
             Ok(out)
         } else {

@@ -7,7 +7,7 @@
 //! stored; each column row is a shifted copy of one input plane, read and written in runs; and the
 //! matrix multiply writes straight into the output through its strides, onto the bias already there.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -69,6 +69,21 @@ impl Geometry {
 /// `conv2d(x, weight) + bias` for `x` `[B, C, H, W]` and `weight` `[O, C, KH, KW]`, f32 on the CPU,
 /// without a backward pass (training keeps the differentiable path in [`super::blocks::Conv2d`]).
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
+    conv2d_plus(x, weight, bias, stride, padding, None)
+}
+
+/// [`conv2d`] with `residual` (the output's shape) added to each tile of the output as soon as its
+/// multiply is done, while the tile is still in cache: a ResNet block's skip connection without a
+/// pass and an allocation of its own. Each value is `(conv + bias) + residual`, rounded as the two
+/// separate additions round.
+pub fn conv2d_plus(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
     let (out_channels, weight_channels, kh, kw) = weight.dims4()?;
     let geometry = Geometry::of(x, (kh, kw), stride, padding).map_err(|e| e.context("conv2d"))?;
     if weight_channels != geometry.channels {
@@ -78,13 +93,24 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize,
     if let Some(b) = bias.as_ref().filter(|b| b.len() != out_channels) {
         candle_core::bail!("conv2d: a bias of {} values for {out_channels} output channels", b.len())
     }
-    x.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &Conv { geometry, out_channels, bias, tile_elements: TILE_ELEMENTS })
+    let (oh, ow) = geometry.out();
+    let residual = match residual {
+        Some(r) if r.dims() != [geometry.batch, out_channels, oh, ow] => {
+            candle_core::bail!("conv2d: a {:?} residual for a {:?} output", r.dims(), [geometry.batch, out_channels, oh, ow])
+        }
+        Some(r) if !super::fused::cpu_f32(&[r]) => candle_core::bail!("conv2d: the residual is not f32 on the CPU"),
+        r => r.map(Tensor::contiguous).transpose()?,
+    };
+    let op = Conv { geometry, out_channels, bias, residual, tile_elements: TILE_ELEMENTS };
+    x.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &op)
 }
 
 struct Conv {
     geometry: Geometry,
     out_channels: usize,
     bias: Option<Vec<f32>>,
+    /// `[B, O, OH, OW]`, contiguous f32 on the CPU, added to the output.
+    residual: Option<Tensor>,
     tile_elements: usize,
 }
 
@@ -113,6 +139,14 @@ impl CustomOp2 for Conv {
         let g = self.geometry;
         let (oh, ow) = g.out();
         let (plane, depth, o) = (oh * ow, g.depth(), self.out_channels);
+        let residual_storage = self.residual.as_ref().map(Tensor::storage_and_layout);
+        let residual = match &residual_storage {
+            None => None,
+            Some((storage, layout)) => match &**storage {
+                Storage::Cpu(cpu) => Some(contiguous_f32(cpu, layout)?),
+                _ => candle_core::bail!("conv2d: the residual is not on the CPU"),
+            },
+        };
         let mut out = vec![0f32; g.batch * o * plane];
         if let Some(bias) = &self.bias {
             for (i, row) in out.chunks_mut(plane).enumerate() {
@@ -150,6 +184,15 @@ impl CustomOp2 for Conv {
                     1.0,
                     parallelism,
                 )
+            }
+            if let Some(residual) = residual {
+                for c in 0..o {
+                    let first = b * o * plane + c * plane + y0 * ow;
+                    // SAFETY: row c of this tile, `n` values inside batch element `b`'s output; this task
+                    // alone writes it, and the multiply above has finished with it.
+                    let row = unsafe { std::slice::from_raw_parts_mut(dst.at(first), n) };
+                    row.iter_mut().zip(&residual[first..first + n]).for_each(|(v, r)| *v += r);
+                }
             }
         };
         if side_by_side {
@@ -192,11 +235,39 @@ mod tests {
             // A tile budget of one output row at a time, and one of the whole image at once.
             for tile_elements in [1, usize::MAX / 2] {
                 let geometry = Geometry { batch: b, channels: c, h, w, kernel: (k, k), stride, padding };
-                let op = Conv { geometry, out_channels: o, bias: bias.map(|b| b.to_vec1().expect("bias")), tile_elements };
+                let op = Conv { geometry, out_channels: o, bias: bias.map(|b| b.to_vec1().expect("bias")), residual: None, tile_elements };
                 let got = x.apply_op2_no_bwd(&weight, &op).expect("fresco");
                 assert_eq!(got.dims(), want.dims(), "case {i}");
                 let diff = (&got - &want).expect("diff").abs().expect("abs").max_all().expect("max").to_scalar::<f32>().expect("scalar");
                 assert!(diff < 1e-4, "case {i}, tiles of {tile_elements}: max |Δ| {diff}");
+            }
+        }
+    }
+
+    /// A residual is added as a separate addition after the convolution would add it: to the bit, for
+    /// one-row tiles, whole-image tiles and the pointwise path.
+    #[test]
+    fn a_residual_is_added_as_a_separate_addition_would() {
+        let dev = Device::Cpu;
+        for (i, &(c, h, w, o, k, padding)) in [(3, 9, 7, 5, 3, 1), (4, 6, 6, 3, 1, 0)].iter().enumerate() {
+            let x = Tensor::randn(0f32, 1., (2, c, h, w), &dev).expect("x");
+            let weight = Tensor::randn(0f32, 1., (o, c, k, k), &dev).expect("weight");
+            let bias = Tensor::randn(0f32, 1., o, &dev).expect("bias").to_vec1::<f32>().expect("bias");
+            for tile_elements in [1, usize::MAX / 2] {
+                let geometry = Geometry { batch: 2, channels: c, h, w, kernel: (k, k), stride: 1, padding };
+                let (oh, ow) = geometry.out();
+                let residual = Tensor::randn(0f32, 1., (2, o, oh, ow), &dev).expect("residual");
+                let op = |residual: Option<Tensor>| Conv { geometry, out_channels: o, bias: Some(bias.clone()), residual, tile_elements };
+                let plain = x.apply_op2_no_bwd(&weight, &op(None)).expect("conv");
+                let want = (&plain + &residual).expect("sum").flatten_all().expect("f").to_vec1::<f32>().expect("v");
+                let got = x
+                    .apply_op2_no_bwd(&weight, &op(Some(residual)))
+                    .expect("conv plus")
+                    .flatten_all()
+                    .expect("f")
+                    .to_vec1::<f32>()
+                    .expect("v");
+                assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "case {i}, tiles of {tile_elements}");
             }
         }
     }
@@ -213,5 +284,7 @@ mod tests {
         let bias = Tensor::zeros(3, candle_core::DType::F32, &dev).expect("bias");
         assert!(conv2d(&x, &weight, Some(&bias), 1, 1).is_err(), "bias of the wrong length");
         assert!(conv2d(&x, &weight, None, 0, 1).is_err(), "stride 0");
+        let residual = Tensor::zeros((1, 2, 3, 4), candle_core::DType::F32, &dev).expect("residual");
+        assert!(conv2d_plus(&x, &weight, None, 1, 1, Some(&residual)).is_err(), "residual of the wrong shape");
     }
 }
