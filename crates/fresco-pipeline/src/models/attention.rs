@@ -8,11 +8,11 @@
 //! multiply to the second, and the softmax runs on vectors. The softmax divides the output rows, not the
 //! scores: `d` values a query instead of `M`.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::broadcast::contiguous_f32;
+use super::broadcast::with_held;
 use super::conv::Out;
 use super::matmul::{multiply, Strided};
 use super::vector_math::{exp_nonpositive, vectorised};
@@ -91,18 +91,18 @@ impl CustomOp3 for Attention {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (b, h, n, d) = ql.shape().dims4()?;
-        let m = kl.shape().dims()[2];
         let (q, k, v) = (Operand::new(qs, ql)?, Operand::new(ks, kl)?, Operand::new(vs, vl)?);
+        let [b, h, n, d] = ql.shape().dims4()?.into();
+        let m = kl.shape().dims()[2];
+        with_held(self.bias.as_ref(), "attention: the bias", |bias| Ok(self.run([b, h, n, m, d], (&q, &k, &v), bias)))
+    }
+}
+
+impl Attention {
+    /// The attention of `[B, heads, N, d]` queries over `[B, heads, M, d]` keys and values (`dims`
+    /// `[B, heads, N, M, d]`), with the `bias` added to the scores.
+    fn run(&self, [b, h, n, m, d]: [usize; 5], (q, k, v): (&Operand, &Operand, &Operand), bias: Option<&[f32]>) -> (CpuStorage, Shape) {
         let rows = (self.task_scores / m.max(1)).clamp(1, n.max(1));
-        let bias_storage = self.bias.as_ref().map(Tensor::storage_and_layout);
-        let bias = match &bias_storage {
-            None => None,
-            Some((storage, layout)) => match &**storage {
-                Storage::Cpu(cpu) => Some(contiguous_f32(cpu, layout)?),
-                _ => candle_core::bail!("attention: the bias is not on the CPU"),
-            },
-        };
         let mut out = vec![0f32; b * h * n * d];
         let dst = Out(out.as_mut_ptr());
         let tasks: Vec<(usize, usize, usize)> =
@@ -149,7 +149,7 @@ impl CustomOp3 for Attention {
                 row.iter_mut().for_each(|x| *x /= sum);
             }
         });
-        Ok((CpuStorage::F32(out), Shape::from((b, n, h, d))))
+        (CpuStorage::F32(out), Shape::from((b, n, h, d)))
     }
 }
 

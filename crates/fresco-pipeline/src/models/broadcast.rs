@@ -7,7 +7,7 @@
 //! recorded for f32 on the CPU, [`expand`] materialises the broadcast in the forward pass (one cheap copy)
 //! and its backward sums rows of the gradient instead; everywhere else these are candle's own ops.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
 
 /// `x` broadcast to `shape`.
 pub fn expand(x: &Tensor, shape: &Shape) -> Result<Tensor> {
@@ -117,6 +117,18 @@ pub(super) fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Re
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&storage.as_slice::<f32>()?[start..end]),
         None => candle_core::bail!("expected a contiguous tensor"),
+    }
+}
+
+/// Calls `f` with the values of `held` (if any), read in place from its CPU storage: a kernel's extra
+/// operand that it holds beside candle's two or three (an attention bias, a convolution's residual).
+/// `what` names it in the error when it is not on the CPU.
+pub(super) fn with_held<R>(held: Option<&Tensor>, what: &str, f: impl FnOnce(Option<&[f32]>) -> Result<R>) -> Result<R> {
+    let Some(held) = held else { return f(None) };
+    let (storage, layout) = held.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => f(Some(contiguous_f32(cpu, layout)?)),
+        _ => candle_core::bail!("{what} is not on the CPU"),
     }
 }
 

@@ -7,11 +7,11 @@
 //! stored; each column row is a shifted copy of one input plane, read and written in runs; and the
 //! matrix multiply writes straight into the output through its strides, onto the bias already there.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::broadcast::contiguous_f32;
+use super::broadcast::{contiguous_f32, with_held};
 use super::im2col::Geometry;
 use super::matmul::{multiply, Strided};
 
@@ -136,17 +136,16 @@ impl CustomOp2 for Conv {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, weight) = (contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?);
+        with_held(self.residual.as_ref(), "conv2d: the residual", |residual| self.run(x, weight, residual))
+    }
+}
+
+impl Conv {
+    /// The convolution of the contiguous `x` by `weight`, plus the bias and the `residual`.
+    fn run(&self, x: &[f32], weight: &[f32], residual: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
         let g = self.geometry;
         let (oh, ow) = g.out();
         let (plane, depth, o) = (oh * ow, g.depth(), self.out_channels);
-        let residual_storage = self.residual.as_ref().map(Tensor::storage_and_layout);
-        let residual = match &residual_storage {
-            None => None,
-            Some((storage, layout)) => match &**storage {
-                Storage::Cpu(cpu) => Some(contiguous_f32(cpu, layout)?),
-                _ => candle_core::bail!("conv2d: the residual is not on the CPU"),
-            },
-        };
         let mut out = vec![0f32; g.batch * o * plane];
         if let Some(bias) = &self.bias {
             for (i, row) in out.chunks_mut(plane).enumerate() {
