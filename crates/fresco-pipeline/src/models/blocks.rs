@@ -22,13 +22,21 @@ pub fn conv(in_c: usize, out_c: usize, kernel: usize, stride: usize, padding: us
 pub struct Conv2d(candle_nn::Conv2d);
 
 impl Conv2d {
+    /// Whether fresco's inference kernel ([`conv::conv2d_plus`]) computes this convolution of the
+    /// `operands`: all f32 on the CPU, no gradient recorded, neither dilated nor grouped.
+    fn on_inference_kernel(&self, operands: &[&Tensor]) -> bool {
+        let cfg = self.0.config();
+        let mut all = operands.to_vec();
+        all.push(self.0.weight());
+        all.extend(self.0.bias());
+        fused::cpu_f32(&all) && !fused::recording(&all) && cfg.dilation == 1 && cfg.groups == 1
+    }
+
     /// `residual + conv(x)`: for inference in f32 on the CPU with the residual added to each output tile
     /// as it is finished ([`conv::conv2d_plus`]), elsewhere as a separate addition.
     pub fn forward_plus(&self, x: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
-        let cfg = self.0.config();
-        let args = [x, self.0.weight(), residual];
-        let fresco_kernel = fused::cpu_f32(&args) && cfg.dilation == 1 && cfg.groups == 1;
-        if fresco_kernel && !fused::recording(&args) && !self.0.bias().is_some_and(Tensor::track_op) {
+        if self.on_inference_kernel(&[x, residual]) {
+            let cfg = self.0.config();
             return conv::conv2d_plus(x, self.0.weight(), self.0.bias(), cfg.stride, cfg.padding, Some(residual));
         }
         residual + self.forward(x)?
@@ -39,12 +47,11 @@ impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let cfg = self.0.config();
         let weight = self.0.weight();
+        if self.on_inference_kernel(&[x]) {
+            return conv::conv2d(x, weight, self.0.bias(), cfg.stride, cfg.padding);
+        }
         if !x.device().is_cpu() || x.dtype() != DType::F32 || cfg.dilation != 1 || cfg.groups != 1 {
             return self.0.forward(x);
-        }
-        let training = x.track_op() || weight.track_op() || self.0.bias().is_some_and(Tensor::track_op);
-        if !training {
-            return conv::conv2d(x, weight, self.0.bias(), cfg.stride, cfg.padding);
         }
         let (b, _, h, w) = x.dims4()?;
         let (o, _, kh, kw) = weight.dims4()?;
