@@ -3,6 +3,9 @@
 //!
 //! `cargo run --release -p fresco-bench --bin load [-- WORKERS SECONDS]`
 
+// The library holds the benchmarks' global allocator (mimalloc, as in the `fresco` binary); rustc
+// links a crate only when something names it, so without this line the numbers are glibc malloc's.
+use fresco_bench as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -6,6 +6,9 @@
 //! `cargo run --release -p fresco-bench --bin pipeline [-- [--device cpu|cuda[:N]] [--sd15 BATCH...]]`
 //! (`--features cuda` for a GPU).
 
+// The library holds the benchmarks' global allocator (mimalloc, as in the `fresco` binary); rustc
+// links a crate only when something names it, so without this line the numbers are glibc malloc's.
+use fresco_bench as _;
 use std::path::Path;
 use std::time::Instant;
 

@@ -124,6 +124,17 @@ impl Module for GroupNorm {
     }
 }
 
+impl GroupNorm {
+    /// `silu(self.forward(x))`, for inference in f32 on the CPU in the normalisation's own pass.
+    pub fn forward_silu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let args = [x, &self.weight, &self.bias];
+        if !fused::recording(&args) && fused::cpu_f32(&args) {
+            return super::norm::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, Some(Gate::Silu));
+        }
+        silu(&self.forward(x)?)
+    }
+}
+
 /// diffusers' `ResnetBlock2D` (default time-embedding handling, optional 1×1 shortcut).
 pub struct ResnetBlock {
     norm1: GroupNorm,
@@ -160,12 +171,12 @@ impl ResnetBlock {
     }
 
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let mut h = self.conv1.forward(&silu(&self.norm1.forward(x)?)?)?;
+        let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&silu(t)?)?.unsqueeze(2)?.unsqueeze(3)?;
             h = h.broadcast_add(&t)?;
         }
-        let h = silu(&self.norm2.forward(&h)?)?;
+        let h = self.norm2.forward_silu(&h)?;
         let skip = match &self.shortcut {
             Some(s) => s.forward(x)?,
             None => x.clone(),

@@ -7,9 +7,10 @@
 //! than the matrix multiplies. While a gradient is recorded for f32 on the CPU these run here in one pass
 //! forward and one backward (statistics recomputed, not stored).
 //!
-//! Inference keeps candle's ops and kernels: the fused GroupNorm was no faster there (an SD 1.5-sized
-//! U-Net at 512×512: 21.2 s against 21.3 s), and its different rounding moved the one parity case that
-//! sits on a knife edge (`sd15-ddim-20`, DDIM clipping x₀ over 20 steps) from max |Δ| 3 to 4.
+//! Inference does not use these: their f64 statistics round differently from candle's ops, which moved
+//! the one parity case that sits on a knife edge (`sd15-ddim-20`, DDIM clipping x₀ over 20 steps) over
+//! the bound. Its GroupNorm is [`super::norm`], candle's values to the bit; its LayerNorm and softmax
+//! are candle's kernels.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -27,22 +28,34 @@ pub(super) fn cpu_f32(xs: &[&Tensor]) -> bool {
 }
 
 /// GroupNorm of `x` (`[B, C, ...]`) with per-channel `weight` and `bias`, statistics in f32.
+/// For inference in f32 on the CPU this is [`super::norm::group_norm`]: the composed version's values
+/// in one pass.
 pub fn group_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, groups: usize, eps: f64) -> Result<Tensor> {
+    let inner = group_norm_inner(x, weight, groups)?;
+    let args = [x, weight, bias];
+    match (cpu_f32(&args), recording(&args)) {
+        (true, true) => {
+            let norm = Norm { groups, channels: weight.dim(0)?, inner, eps };
+            x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, norm)
+        }
+        (true, false) => super::norm::group_norm(x, weight, bias, groups, eps, None),
+        (false, _) => composed_group_norm(x, weight, bias, groups, eps),
+    }
+}
+
+/// The values per channel of a GroupNorm's input `x` (`[B, C, ...]`), after checking that `x` has the
+/// weight's channels and that they split into `groups`.
+pub(super) fn group_norm_inner(x: &Tensor, weight: &Tensor, groups: usize) -> Result<usize> {
     let dims = x.dims();
     let channels = weight.dim(0)?;
     if dims.len() < 3 || dims[1] != channels || groups == 0 || !channels.is_multiple_of(groups) {
         candle_core::bail!("GroupNorm of {channels} channels in {groups} groups applied to a {dims:?} tensor")
     }
-    let inner = dims[2..].iter().product();
-    let args = [x, weight, bias];
-    if recording(&args) && cpu_f32(&args) {
-        return x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, Norm { groups, channels, inner, eps });
-    }
-    composed_group_norm(x, weight, bias, groups, eps)
+    Ok(dims[2..].iter().product())
 }
 
 /// [`group_norm`] from candle's ops.
-fn composed_group_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, groups: usize, eps: f64) -> Result<Tensor> {
+pub(super) fn composed_group_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, groups: usize, eps: f64) -> Result<Tensor> {
     let (dims, dtype) = (x.dims(), x.dtype());
     let n = x.elem_count() / (dims[0] * groups);
     let g = x.reshape((dims[0], groups, n))?.to_dtype(match dtype {

@@ -1,7 +1,8 @@
 //! The networks of the supported families, each built from its diffusers / transformers config.
 
 // The CPU kernels call gemm through raw pointers (`matmul`) and write one output buffer from parallel tasks,
-// and vector_math runs loops compiled for the CPU's vector units after checking that it has them: with
+// vector_math runs loops compiled for the CPU's vector units after checking that it has them, and the
+// GroupNorm calls candle's own (pointer-taking) vector sum so that its sums round as candle's do: with
 // the weights' memory map, the crate's only unsafe code, each block under a SAFETY note.
 mod activation;
 #[allow(unsafe_code)]
@@ -19,6 +20,8 @@ mod linear;
 #[allow(unsafe_code)]
 mod matmul;
 pub mod mmdit;
+#[allow(unsafe_code)]
+mod norm;
 mod rope;
 pub mod t5;
 pub mod unet;

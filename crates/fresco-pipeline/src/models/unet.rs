@@ -443,7 +443,7 @@ impl UNet {
                 x = u.forward(&x, size)?;
             }
         }
-        let x = silu(&self.norm_out.forward(&x)?)?;
+        let x = self.norm_out.forward_silu(&x)?;
         self.conv_out.forward(&x)
     }
 }

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use super::blocks::{
-    attention, conv, group_norm, linear, merge_heads, silu, split_heads, Conv2d, Downsample, GroupNorm, Linear, ResnetBlock, Upsample,
+    attention, conv, group_norm, linear, merge_heads, split_heads, Conv2d, Downsample, GroupNorm, Linear, ResnetBlock, Upsample,
 };
 use crate::error::{PipelineError, Result};
 use crate::loader::{Config, Weights};
@@ -161,7 +161,7 @@ impl VaeDecoder {
                 x = u.forward(&x, None)?;
             }
         }
-        let x = silu(&self.norm_out.forward(&x)?)?;
+        let x = self.norm_out.forward_silu(&x)?;
         self.conv_out.forward(&x)
     }
 }
@@ -249,7 +249,7 @@ impl VaeEncoder {
             }
         }
         x = run_mid(&self.mid_resnets, self.mid_attention.as_ref(), x)?;
-        let mut x = self.conv_out.forward(&silu(&self.norm_out.forward(&x)?)?)?;
+        let mut x = self.conv_out.forward(&self.norm_out.forward_silu(&x)?)?;
         if let Some(q) = &self.quant_conv {
             x = q.forward(&x)?;
         }
