@@ -46,13 +46,14 @@ impl Geometry {
         Shape::from((self.depth(), self.batch * oh * ow))
     }
 
-    /// Calls `f(index in the columns, index in the input)` for every column entry that reads the input
-    /// (the others are padding). Rows are (kernel y, kernel x, channel); columns (batch, out y, out x).
-    fn each(&self, mut f: impl FnMut(usize, usize)) {
+    /// Calls `f(start in the columns, start in the input, n)` for every run of `n` column entries that
+    /// read `n` consecutive input elements (the other entries read padding), in the order of the column
+    /// entries. Rows are (kernel y, kernel x, channel); columns (batch, out y, out x).
+    fn runs(&self, mut f: impl FnMut(usize, usize, usize)) {
         let (oh, ow) = self.out();
         let (kh, kw) = self.kernel;
         let n_cols = self.batch * oh * ow;
-        let (s, p) = (self.stride as isize, self.padding as isize);
+        let (s, p) = (self.stride, self.padding);
         for ky in 0..kh {
             for kx in 0..kw {
                 for c in 0..self.channels {
@@ -60,16 +61,21 @@ impl Geometry {
                     for b in 0..self.batch {
                         let plane = (b * self.channels + c) * self.h * self.w;
                         for oy in 0..oh {
-                            let iy = oy as isize * s + ky as isize - p;
-                            if iy < 0 || iy >= self.h as isize {
-                                continue;
-                            }
+                            let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&iy| iy < self.h) else { continue };
                             let col = row + (b * oh + oy) * ow;
-                            let line = plane + iy as usize * self.w;
-                            for ox in 0..ow {
-                                let ix = ox as isize * s + kx as isize - p;
-                                if ix >= 0 && ix < self.w as isize {
-                                    f(col + ox, line + ix as usize);
+                            let line = plane + iy * self.w;
+                            if s == 1 {
+                                // Input column ox + kx − p is inside the line for ox in lo..hi.
+                                let lo = p.saturating_sub(kx).min(ow);
+                                let hi = (self.w + p).saturating_sub(kx).min(ow);
+                                if lo < hi {
+                                    f(col + lo, line + lo + kx - p, hi - lo);
+                                }
+                            } else {
+                                for ox in 0..ow {
+                                    if let Some(ix) = (ox * s + kx).checked_sub(p).filter(|&ix| ix < self.w) {
+                                        f(col + ox, line + ix, 1);
+                                    }
                                 }
                             }
                         }
@@ -97,7 +103,7 @@ impl CustomOp1 for Im2col {
         let x = contiguous_f32(storage, layout)?;
         let shape = self.0.cols_shape();
         let mut cols = vec![0f32; shape.elem_count()];
-        self.0.each(|c, i| cols[c] = x[i]);
+        self.0.runs(|c, i, n| cols[c..c + n].copy_from_slice(&x[i..i + n]));
         Ok((CpuStorage::F32(cols), shape))
     }
 
@@ -118,7 +124,7 @@ impl CustomOp1 for Col2im {
         let g = contiguous_f32(storage, layout)?;
         let s = self.0;
         let mut x = vec![0f32; s.batch * s.channels * s.h * s.w];
-        s.each(|c, i| x[i] += g[c]);
+        s.runs(|c, i, n| x[i..i + n].iter_mut().zip(&g[c..c + n]).for_each(|(x, g)| *x += g));
         Ok((CpuStorage::F32(x), Shape::from((s.batch, s.channels, s.h, s.w))))
     }
 }
