@@ -42,9 +42,7 @@ impl Geometry {
                 let line = &plane[iy * self.w..][..self.w];
                 let out = &mut row[(oy - y0) * ow..][..ow];
                 if s == 1 {
-                    // Input column ox + kx − p is inside the plane for ox in lo..hi.
-                    let lo = p.saturating_sub(kx).min(ow);
-                    let hi = (self.w + p).saturating_sub(kx).min(ow);
+                    let (lo, hi) = self.inside(kx);
                     if lo < hi {
                         out[lo..hi].copy_from_slice(&line[lo + kx - p..hi + kx - p]);
                     }

@@ -36,6 +36,14 @@ impl Geometry {
         (span(self.h, self.kernel.0), span(self.w, self.kernel.1))
     }
 
+    /// For stride 1: the output columns `lo..hi` whose input column `ox + kx − padding` lies inside an
+    /// input row (the rest read padding); the input column of `lo` is `lo + kx − padding`.
+    pub(super) fn inside(&self, kx: usize) -> (usize, usize) {
+        let (_, ow) = self.out();
+        let lo = self.padding.saturating_sub(kx).min(ow);
+        (lo, (self.w + self.padding).saturating_sub(kx).min(ow).max(lo))
+    }
+
     /// Rows of the column matrix: one per weight of an output channel.
     pub(super) fn depth(&self) -> usize {
         self.channels * self.kernel.0 * self.kernel.1
@@ -65,9 +73,7 @@ impl Geometry {
                             let col = row + (b * oh + oy) * ow;
                             let line = plane + iy * self.w;
                             if s == 1 {
-                                // Input column ox + kx − p is inside the line for ox in lo..hi.
-                                let lo = p.saturating_sub(kx).min(ow);
-                                let hi = (self.w + p).saturating_sub(kx).min(ow);
+                                let (lo, hi) = self.inside(kx);
                                 if lo < hi {
                                     f(col + lo, line + lo + kx - p, hi - lo);
                                 }
