@@ -71,9 +71,11 @@ impl<'a> Operand<'a> {
         Ok(Self { data, strides: [s[0], s[1], s[2], s[3]] })
     }
 
-    /// Row `row` of head `head` of batch element `b`.
-    fn row(&self, b: usize, head: usize, row: usize) -> *const f32 {
-        self.data[b * self.strides[0] + head * self.strides[1] + row * self.strides[2]..].as_ptr()
+    /// Head `head` of batch element `b` from position `row` on, as a matrix: a row per position, a
+    /// column per feature, at the operand's own strides.
+    fn head(&self, b: usize, head: usize, row: usize) -> Strided<*const f32> {
+        let ptr = self.data[b * self.strides[0] + head * self.strides[1] + row * self.strides[2]..].as_ptr();
+        Strided { ptr, row: self.strides[2] as isize, col: self.strides[3] as isize }
     }
 }
 
@@ -120,8 +122,8 @@ impl Attention {
                 multiply(
                     (r, m, d),
                     Strided::rows(scores.as_mut_ptr(), m),
-                    Strided { ptr: q.row(bi, hi, r0), row: q.strides[2] as isize, col: q.strides[3] as isize },
-                    Strided { ptr: k.row(bi, hi, 0), row: k.strides[3] as isize, col: k.strides[2] as isize },
+                    q.head(bi, hi, r0),
+                    k.head(bi, hi, 0).t(),
                     bias.is_some(),
                     self.scale,
                     Parallelism::None,
@@ -137,7 +139,7 @@ impl Attention {
                     (r, d, m),
                     Strided::rows(dst.at(first), row_stride),
                     Strided::rows(scores.as_ptr(), m),
-                    Strided { ptr: v.row(bi, hi, 0), row: v.strides[2] as isize, col: v.strides[3] as isize },
+                    v.head(bi, hi, 0),
                     false,
                     1.0,
                     Parallelism::None,

@@ -87,8 +87,9 @@ pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_c
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (weight, bias) = (self.0.weight(), self.0.bias());
-        let args = [x, weight];
-        if fused::cpu_f32(&args) && !fused::recording(&args) && !bias.is_some_and(Tensor::track_op) {
+        let mut args = vec![x, weight];
+        args.extend(bias);
+        if fused::cpu_f32(&args) && !fused::recording(&args) {
             return linear::linear(x, weight, bias);
         }
         match bias {
@@ -120,18 +121,28 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> c
 
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        fused::group_norm(x, &self.weight, &self.bias, self.groups, self.eps)
+        self.forward_gated(x, None)
     }
 }
 
 impl GroupNorm {
     /// `silu(self.forward(x))`, for inference in f32 on the CPU in the normalisation's own pass.
     pub fn forward_silu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_gated(x, Some(Gate::Silu))
+    }
+
+    /// The normalisation then `then`: for inference in f32 on the CPU in one pass with candle's values
+    /// ([`super::norm`]), elsewhere [`fused::group_norm`] (training's kernel, or candle's ops) and the gate.
+    fn forward_gated(&self, x: &Tensor, then: Option<Gate>) -> candle_core::Result<Tensor> {
         let args = [x, &self.weight, &self.bias];
         if !fused::recording(&args) && fused::cpu_f32(&args) {
-            return super::norm::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, Some(Gate::Silu));
+            return super::norm::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, then);
         }
-        silu(&self.forward(x)?)
+        let normed = fused::group_norm(x, &self.weight, &self.bias, self.groups, self.eps)?;
+        match then {
+            Some(g) => gate(&normed, g),
+            None => Ok(normed),
+        }
     }
 }
 

@@ -28,19 +28,17 @@ pub(super) fn cpu_f32(xs: &[&Tensor]) -> bool {
 }
 
 /// GroupNorm of `x` (`[B, C, ...]`) with per-channel `weight` and `bias`, statistics in f32.
-/// For inference in f32 on the CPU this is [`super::norm::group_norm`]: the composed version's values
-/// in one pass.
 pub fn group_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, groups: usize, eps: f64) -> Result<Tensor> {
     let inner = group_norm_inner(x, weight, groups)?;
     let args = [x, weight, bias];
-    match (cpu_f32(&args), recording(&args)) {
-        (true, true) => {
-            let norm = Norm { groups, channels: weight.dim(0)?, inner, eps };
-            x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, norm)
-        }
-        (true, false) => super::norm::group_norm(x, weight, bias, groups, eps, None),
-        (false, _) => composed_group_norm(x, weight, bias, groups, eps),
+    if recording(&args) && cpu_f32(&args) {
+        return x.contiguous()?.apply_op3(
+            &weight.contiguous()?,
+            &bias.contiguous()?,
+            Norm { groups, channels: weight.dim(0)?, inner, eps },
+        );
     }
+    composed_group_norm(x, weight, bias, groups, eps)
 }
 
 /// The values per channel of a GroupNorm's input `x` (`[B, C, ...]`), after checking that `x` has the

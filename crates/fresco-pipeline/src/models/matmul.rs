@@ -23,6 +23,11 @@ impl<P> Strided<P> {
     pub fn columns(ptr: P, col_stride: usize) -> Self {
         Self { ptr, row: 1, col: col_stride as isize }
     }
+
+    /// The transpose: the same elements, rows and columns swapped.
+    pub fn t(self) -> Self {
+        Self { ptr: self.ptr, row: self.col, col: self.row }
+    }
 }
 
 /// `dst ← scale · lhs · rhs`, or `dst ← dst + scale · lhs · rhs` when `accumulate`, for an `m × k`
