@@ -276,10 +276,10 @@ pub fn biased_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: &T
     softmax_last_dim(&scores)?.matmul(&v.contiguous()?)
 }
 
-/// GEGLU, `a · gelu_erf(g)` over the halves `[a, g]` of `h`'s last dimension: for inference in f32 on
-/// the CPU fresco's one-pass kernel ([`super::activation`]), elsewhere candle's ops.
+/// GEGLU, `a · gelu_erf(g)` over the halves `[a, g]` of `h`'s last dimension: in f32 on the CPU
+/// fresco's one-pass kernel ([`super::activation`]), elsewhere candle's ops.
 pub fn geglu(h: &Tensor) -> candle_core::Result<Tensor> {
-    if !fused::recording(&[h]) && fused::cpu_f32(&[h]) {
+    if fused::cpu_f32(&[h]) {
         return super::activation::geglu(h);
     }
     let halves = h.chunk(2, D::Minus1)?;
@@ -301,10 +301,9 @@ pub fn quick_gelu(x: &Tensor) -> candle_core::Result<Tensor> {
     gate(x, Gate::QuickGelu)
 }
 
-/// For inference in f32 on the CPU fresco's one-pass kernel ([`super::activation`]), elsewhere and
-/// while a gradient is recorded candle's ops.
+/// In f32 on the CPU fresco's one-pass kernel ([`super::activation`]), elsewhere candle's ops.
 fn gate(x: &Tensor, gate: Gate) -> candle_core::Result<Tensor> {
-    if !fused::recording(&[x]) && fused::cpu_f32(&[x]) {
+    if fused::cpu_f32(&[x]) {
         return super::activation::gated(x, gate);
     }
     match gate {

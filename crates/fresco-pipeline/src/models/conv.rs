@@ -37,12 +37,12 @@ impl Geometry {
         let fill = |(r, row): (usize, &mut [f32])| {
             let (c, ky, kx) = (r / (kh * kw), (r / kw) % kh, r % kw);
             let plane = &x[(b * self.channels + c) * self.h * self.w..][..self.h * self.w];
+            let (lo, hi) = self.inside(kx);
             for oy in y0..y1 {
                 let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&iy| iy < self.h) else { continue };
                 let line = &plane[iy * self.w..][..self.w];
                 let out = &mut row[(oy - y0) * ow..][..ow];
                 if s == 1 {
-                    let (lo, hi) = self.inside(kx);
                     if lo < hi {
                         out[lo..hi].copy_from_slice(&line[lo + kx - p..hi + kx - p]);
                     }

@@ -62,27 +62,32 @@ impl Geometry {
         let (kh, kw) = self.kernel;
         let n_cols = self.batch * oh * ow;
         let (s, p) = (self.stride, self.padding);
+        // Which output rows read inside the input, and which stretches of an output row do, depend on the
+        // kernel offset alone: worked out once per offset, not once per row (the divisions in `out` and
+        // the bounds were a fifth of a small U-Net's training step).
         for ky in 0..kh {
+            let rows: Vec<(usize, usize)> =
+                (0..oh).filter_map(|oy| (oy * s + ky).checked_sub(p).filter(|&iy| iy < self.h).map(|iy| (oy * ow, iy * self.w))).collect();
             for kx in 0..kw {
+                // (start in the output row, start in the input row, n)
+                let stretches: Vec<(usize, usize, usize)> = if s == 1 {
+                    let (lo, hi) = self.inside(kx);
+                    if lo < hi {
+                        vec![(lo, lo + kx - p, hi - lo)]
+                    } else {
+                        Vec::new()
+                    }
+                } else {
+                    (0..ow).filter_map(|ox| (ox * s + kx).checked_sub(p).filter(|&ix| ix < self.w).map(|ix| (ox, ix, 1))).collect()
+                };
                 for c in 0..self.channels {
                     let row = ((ky * kw + kx) * self.channels + c) * n_cols;
                     for b in 0..self.batch {
                         let plane = (b * self.channels + c) * self.h * self.w;
-                        for oy in 0..oh {
-                            let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&iy| iy < self.h) else { continue };
-                            let col = row + (b * oh + oy) * ow;
-                            let line = plane + iy * self.w;
-                            if s == 1 {
-                                let (lo, hi) = self.inside(kx);
-                                if lo < hi {
-                                    f(col + lo, line + lo + kx - p, hi - lo);
-                                }
-                            } else {
-                                for ox in 0..ow {
-                                    if let Some(ix) = (ox * s + kx).checked_sub(p).filter(|&ix| ix < self.w) {
-                                        f(col + ox, line + ix, 1);
-                                    }
-                                }
+                        let col = row + b * oh * ow;
+                        for &(out_row, in_row) in &rows {
+                            for &(o, i, n) in &stretches {
+                                f(col + out_row + o, plane + in_row + i, n);
                             }
                         }
                     }

@@ -62,13 +62,28 @@ pub fn exp_nonpositive(x: f32) -> f32 {
 /// (absolute error below 1.5·10⁻⁷).
 #[inline(always)]
 pub fn gelu_erf(x: f32) -> f32 {
+    x * normal_cdf(x).0
+}
+
+/// The slope of [`gelu_erf`], `Φ(x) + x·φ(x)`.
+#[inline(always)]
+pub fn gelu_erf_slope(x: f32) -> f32 {
+    // 1/√(2π): φ(x) = e^(−x²/2)/√(2π).
+    const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+    let (phi, gauss) = normal_cdf(x);
+    phi + x * gauss * FRAC_1_SQRT_2PI
+}
+
+/// `Φ(x)`, the standard normal distribution function, and `e^(−x²/2)`, which it computes on the way.
+#[inline(always)]
+fn normal_cdf(x: f32) -> (f32, f32) {
     let z = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
     let t = 1.0 / (1.0 + 0.327_591_1 * z);
     let poly = ((((1.061_405_4 * t - 1.453_152_1) * t + 1.421_413_8) * t - 0.284_496_74) * t + 0.254_829_6) * t;
     // erf(|x|/√2) = 1 − poly·e^(−z²); Φ(x) = (1 + erf(x/√2)) / 2, mirrored for negative x.
-    let tail = 0.5 * poly * exp_nonpositive(-z * z);
-    let phi = if x < 0.0 { tail } else { 1.0 - tail };
-    x * phi
+    let gauss = exp_nonpositive(-z * z);
+    let tail = 0.5 * poly * gauss;
+    (if x < 0.0 { tail } else { 1.0 - tail }, gauss)
 }
 
 /// The logistic function `1 / (1 + e^−z)`, branch-free: the exponential is only ever taken of
@@ -90,11 +105,13 @@ pub fn silu(x: f32) -> f32 {
     x * sigmoid(x)
 }
 
+/// `2·√(2/π)`, the tanh GELU's scale of its argument as a logistic function's.
+pub const TWO_SQRT_2_OVER_PI: f32 = 1.595_769_2;
+
 /// The tanh-approximate GELU, `x/2 · (1 + tanh(√(2/π) · (x + 0.044715 x³)))`, written as
 /// `x · σ(2u)` (the same function: `1 + tanh(u) = 2σ(2u)`), so no `tanhf` call.
 #[inline(always)]
 pub fn gelu_tanh(x: f32) -> f32 {
-    const TWO_SQRT_2_OVER_PI: f32 = 1.595_769_2;
     x * sigmoid(TWO_SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x))
 }
 
@@ -134,6 +151,33 @@ mod tests {
         assert_eq!(gelu_erf(0.0), 0.0);
         assert!(gelu_erf(-100.0).abs() < 1e-30);
         assert_eq!(gelu_erf(100.0), 100.0);
+    }
+
+    /// The slope against a central difference of the exact GELU in f64, and its limits far out.
+    #[test]
+    fn gelu_slope_matches_the_exact_derivative() {
+        // erf by its Maclaurin series, exact in f64 for |x| ≤ 3 (the terms stay small, so no cancellation).
+        let erf = |x: f64| {
+            let (mut term, mut sum, mut n) = (x, x, 0.0);
+            while term.abs() > 1e-18 {
+                n += 1.0;
+                term *= -x * x / n;
+                sum += term / (2.0 * n + 1.0);
+            }
+            sum * 2.0 / std::f64::consts::PI.sqrt()
+        };
+        let exact = |x: f64| x * 0.5 * (1.0 + erf(x / std::f64::consts::SQRT_2));
+        let worst = (-40_000..=40_000)
+            .map(|i| i as f32 / 10_000.0)
+            .map(|x| {
+                let h = 1e-5;
+                let want = (exact(x as f64 + h) - exact(x as f64 - h)) / (2.0 * h);
+                ((gelu_erf_slope(x) as f64) - want).abs()
+            })
+            .fold(0f64, f64::max);
+        assert!(worst < 1e-6, "worst error {worst:e}");
+        assert_eq!(gelu_erf_slope(50.0), 1.0);
+        assert!(gelu_erf_slope(-50.0).abs() < 1e-30);
     }
 
     /// Against the exact functions in f64, over the range activations take and beyond.
