@@ -64,7 +64,7 @@ impl Geometry {
         let (s, p) = (self.stride, self.padding);
         // Which output rows read inside the input, and which stretches of an output row do, depend on the
         // kernel offset alone: worked out once per offset, not once per row (the divisions in `out` and
-        // the bounds were a fifth of a small U-Net's training step).
+        // the bounds were about an eighth of a small U-Net's training step).
         for ky in 0..kh {
             let rows: Vec<(usize, usize)> =
                 (0..oh).filter_map(|oy| (oy * s + ky).checked_sub(p).filter(|&iy| iy < self.h).map(|iy| (oy * ow, iy * self.w))).collect();
