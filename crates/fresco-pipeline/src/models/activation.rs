@@ -15,7 +15,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tenso
 use rayon::prelude::*;
 
 use super::broadcast::contiguous_f32;
-use super::vector_math::{gelu_erf, gelu_erf_slope, gelu_tanh, quick_gelu, sigmoid, silu, vectorised, TWO_SQRT_2_OVER_PI};
+use super::vector_math::{gelu_erf, gelu_erf_and_slope, gelu_tanh, quick_gelu, sigmoid, silu, vectorised, TWO_SQRT_2_OVER_PI};
 
 /// Rows per parallel task: a few hundred kB of activations.
 const ROWS_PER_TASK: usize = 32;
@@ -208,8 +208,9 @@ impl CustomOp2 for GegluBackward {
                             let (da, dg) = dh.split_at_mut(half);
                             let (a, g) = h.split_at(half);
                             for ((((da, dg), &a), &g), &o) in da.iter_mut().zip(dg.iter_mut()).zip(a).zip(g).zip(grad) {
-                                *da = o * gelu_erf(g);
-                                *dg = o * a * gelu_erf_slope(g);
+                                let (gelu, slope) = gelu_erf_and_slope(g);
+                                *da = o * gelu;
+                                *dg = o * a * slope;
                             }
                         }
                     },

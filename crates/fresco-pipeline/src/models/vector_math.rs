@@ -65,13 +65,13 @@ pub fn gelu_erf(x: f32) -> f32 {
     x * normal_cdf(x).0
 }
 
-/// The slope of [`gelu_erf`], `Φ(x) + x·φ(x)`.
+/// [`gelu_erf`] and its slope `Φ(x) + x·φ(x)`, from one evaluation of `Φ` (a backward pass needs both).
 #[inline(always)]
-pub fn gelu_erf_slope(x: f32) -> f32 {
+pub fn gelu_erf_and_slope(x: f32) -> (f32, f32) {
     // 1/√(2π): φ(x) = e^(−x²/2)/√(2π).
     const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
     let (phi, gauss) = normal_cdf(x);
-    phi + x * gauss * FRAC_1_SQRT_2PI
+    (x * phi, phi + x * gauss * FRAC_1_SQRT_2PI)
 }
 
 /// `Φ(x)`, the standard normal distribution function, and `e^(−x²/2)`, which it computes on the way.
@@ -172,12 +172,12 @@ mod tests {
             .map(|x| {
                 let h = 1e-5;
                 let want = (exact(x as f64 + h) - exact(x as f64 - h)) / (2.0 * h);
-                ((gelu_erf_slope(x) as f64) - want).abs()
+                ((gelu_erf_and_slope(x).1 as f64) - want).abs()
             })
             .fold(0f64, f64::max);
         assert!(worst < 1e-6, "worst error {worst:e}");
-        assert_eq!(gelu_erf_slope(50.0), 1.0);
-        assert!(gelu_erf_slope(-50.0).abs() < 1e-30);
+        assert_eq!(gelu_erf_and_slope(50.0).1, 1.0);
+        assert!(gelu_erf_and_slope(-50.0).1.abs() < 1e-30);
     }
 
     /// Against the exact functions in f64, over the range activations take and beyond.
