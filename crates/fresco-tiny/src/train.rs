@@ -109,14 +109,14 @@ pub fn write_skeleton(dir: &Path, variant: Variant, arch: &Arch, tokenizer: &Pat
 }
 
 /// Overwrites every variable with a seeded draw: norms' scales 1, biases 0, embeddings N(0, 0.02²),
-/// other weights N(0, 1/fan_in).
-fn init_vars(varmap: &VarMap, rng: &Rng) -> Result<()> {
+/// the weights `zeroed` names 0, other weights N(0, 1/fan_in).
+fn init_vars(varmap: &VarMap, rng: &Rng, zeroed: fn(&str) -> bool) -> Result<()> {
     let vars = sorted_vars(varmap);
     for (i, (name, var)) in vars.iter().enumerate() {
         let mut r = rng.fork(i as u64);
         let dims = var.dims().to_vec();
         let n: usize = dims.iter().product();
-        let values: Vec<f32> = if name.ends_with("bias") {
+        let values: Vec<f32> = if name.ends_with("bias") || zeroed(name) {
             vec![0.0; n]
         } else if name.contains("norm") {
             vec![1.0; n]
@@ -130,6 +130,22 @@ fn init_vars(varmap: &VarMap, rng: &Rng) -> Result<()> {
         var.set(&Tensor::from_vec(values, dims, var.device())?)?;
     }
     Ok(())
+}
+
+/// A denoiser's training checks every parameter's gradient on its second step (see [`unet_zeroed`]).
+pub const MIN_DENOISER_STEPS: usize = 2;
+
+/// No weight starts at zero.
+fn none_zeroed(_: &str) -> bool {
+    false
+}
+
+/// The U-Net's residual branches end at zero, as in ADM (`zero_module`): each resnet's second
+/// convolution and each transformer's output projection. The network starts as its skip connections
+/// alone and grows each branch from there, instead of starting as the sum of a dozen random functions
+/// whose noise the first thousands of steps must unlearn.
+fn unet_zeroed(name: &str) -> bool {
+    name.ends_with("conv2.weight") || name.ends_with("proj_out.weight")
 }
 
 fn sorted_vars(varmap: &VarMap) -> Vec<(String, Var)> {
@@ -300,7 +316,7 @@ pub fn train_vae(dir: &Path, opts: &TrainOptions, progress: Progress) -> Result<
     let encoder = VaeEncoder::new(cfg.clone(), vb.clone())?;
     let decoder = VaeDecoder::new(cfg, vb)?;
     let seed = Rng::new(opts.seed).fork(1);
-    init_vars(&varmap, &seed.fork(0))?;
+    init_vars(&varmap, &seed.fork(0), none_zeroed)?;
     // Start with a narrow posterior (σ ≈ 0.02): at σ = 1 the decoder first sees mostly noise, and the
     // small KL weight takes hundreds of steps to teach the encoder otherwise.
     if let Some(bias) = varmap.data().lock().unwrap_or_else(|p| p.into_inner()).get("quant_conv.bias") {
@@ -478,6 +494,12 @@ fn per_sample(values: &[f64], device: &Device) -> Result<Tensor> {
 /// Trains the text encoder and U-Net of the model folder `dir` (which already holds its configs,
 /// tokenizer and trained autoencoder) for `variant`.
 pub fn train_denoiser(dir: &Path, variant: Variant, opts: &TrainOptions, progress: Progress) -> Result<()> {
+    if opts.denoiser.steps < MIN_DENOISER_STEPS {
+        return Err(TinyError::Invalid(format!(
+            "denoiser steps: {} given, at least {MIN_DENOISER_STEPS} needed (every parameter's gradient is checked on the second step)",
+            opts.denoiser.steps
+        )));
+    }
     let device = opts.device.device()?;
     let tokenizer = PromptTokenizer::clip(&dir.join("tokenizer"))?;
     let vae = VaeEncoder::load(&dir.join("vae"), DType::F32, &device)?;
@@ -516,8 +538,8 @@ pub fn train_denoiser(dir: &Path, variant: Variant, opts: &TrainOptions, progres
     let text = ClipTextModel::new(text_config, VarBuilder::from_varmap(&text_map, DType::F32, &device))?;
     let unet_map = VarMap::new();
     let unet = UNet::new(UNetConfig::load(&dir.join("unet/config.json"))?, VarBuilder::from_varmap(&unet_map, DType::F32, &device))?;
-    init_vars(&text_map, &seed.fork(2))?;
-    init_vars(&unet_map, &seed.fork(3))?;
+    init_vars(&text_map, &seed.fork(2), none_zeroed)?;
+    init_vars(&unet_map, &seed.fork(3), unet_zeroed)?;
     let s = opts.denoiser;
     let mut vars = text_map.all_vars();
     vars.extend(unet_map.all_vars());
@@ -563,7 +585,9 @@ pub fn train_denoiser(dir: &Path, variant: Variant, opts: &TrainOptions, progres
         let per_sample_loss = (pred - target)?.sqr()?.flatten_from(1)?.mean(1)?;
         let loss = (per_sample_loss * weights)?.mean_all()?;
         let grads = loss.backward()?;
-        if step == 0 {
+        // On the second step: on the first, the zeroed weights (`unet_zeroed`) still block every
+        // gradient upstream of them.
+        if step == 1 {
             check_gradients(&[&text_map, &unet_map], &grads)?;
         }
         opt.step(&grads)?;
@@ -635,6 +659,35 @@ mod tests {
         let relative = rms(&big) / rms(&z);
         assert!((relative - 0.4 / 3f32.sqrt()).abs() < 0.03, "relative noise {relative}");
         assert_eq!(rms(&noise_of(&z, 0.0)), 0.0);
+    }
+
+    /// Exactly the last layer of every residual branch starts at zero, and nothing else: a renamed layer
+    /// would otherwise silently fall back to a random start.
+    #[test]
+    fn a_fresh_unet_has_its_residual_branches_at_zero() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("config.json");
+        write_json(&path, &Arch::test().unet_config()).expect("config");
+        let map = VarMap::new();
+        UNet::new(UNetConfig::load(&path).expect("load"), VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu)).expect("unet");
+        init_vars(&map, &Rng::new(1), unet_zeroed).expect("init");
+        let vars = sorted_vars(&map);
+        let zero = |name: &str| {
+            let v = &vars.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no {name}")).1;
+            v.as_tensor().abs().and_then(|t| t.sum_all()).and_then(|t| t.to_scalar::<f32>()).expect("sum") == 0.0
+        };
+        let mut branches = 0;
+        for (name, _) in &vars {
+            let ends = [("conv1.weight", "conv2.weight"), ("proj_in.weight", "proj_out.weight")];
+            if let Some((start, end)) = ends.iter().find(|(start, _)| name.ends_with(start)) {
+                let last = format!("{}{end}", &name[..name.len() - start.len()]);
+                assert!(!zero(name) && zero(&last), "{name} should be random, {last} zero");
+                branches += 1;
+            }
+        }
+        let zeroed = vars.iter().filter(|(n, v)| !n.ends_with("bias") && zero(n) && v.elem_count() > 0).count();
+        assert!(branches >= 4 && zeroed == branches, "{zeroed} zeroed weights, {branches} residual branches");
+        assert!(!zero("conv_out.weight") && !zero("conv_in.weight"));
     }
 
     #[test]

@@ -139,6 +139,13 @@ fn run_on_pool(args: Args) -> anyhow::Result<()> {
         opts.vae.batch > 0 && opts.decoder.batch > 0 && opts.denoiser.batch > 0 && opts.pool > 0,
         "--vae-batch, --decoder-batch, --batch and --pool must be positive"
     );
+    // Checked here as well as in the training itself, so that a bad value fails before the autoencoder's
+    // minutes of training, not after.
+    anyhow::ensure!(
+        opts.denoiser.steps >= train::MIN_DENOISER_STEPS,
+        "--steps must be at least {} (every parameter's gradient is checked on the second step)",
+        train::MIN_DENOISER_STEPS
+    );
     anyhow::ensure!(opts.latent_noise.is_finite() && opts.latent_noise >= 0.0, "--latent-noise must be zero or positive");
     let variants: Vec<Variant> = match args.variant {
         Which::Both => vec![Variant::Diffusion, Variant::Flow],
