@@ -66,7 +66,7 @@ impl Default for TrainOptions {
             arch: Arch::default(),
             vae: Schedule { steps: 6000, batch: 8, lr: 2e-3 },
             decoder: Schedule { steps: 16000, batch: 2, lr: 1e-3 },
-            denoiser: Schedule { steps: 15000, batch: 32, lr: 1e-3 },
+            denoiser: Schedule { steps: 17000, batch: 32, lr: 1e-3 },
             pool: 24576,
             uncond_fraction: 0.1,
             latent_noise: LATENT_NOISE,
