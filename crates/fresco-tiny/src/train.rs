@@ -135,11 +135,6 @@ fn init_vars(varmap: &VarMap, rng: &Rng, zeroed: fn(&str) -> bool) -> Result<()>
 /// A denoiser's training checks every parameter's gradient on its second step (see [`unet_zeroed`]).
 pub const MIN_DENOISER_STEPS: usize = 2;
 
-/// No weight starts at zero.
-fn none_zeroed(_: &str) -> bool {
-    false
-}
-
 /// The U-Net's residual branches end at zero, as in ADM (`zero_module`): each resnet's second
 /// convolution and each transformer's output projection. The network starts as its skip connections
 /// alone and grows each branch from there, instead of starting as the sum of a dozen random functions
@@ -316,7 +311,7 @@ pub fn train_vae(dir: &Path, opts: &TrainOptions, progress: Progress) -> Result<
     let encoder = VaeEncoder::new(cfg.clone(), vb.clone())?;
     let decoder = VaeDecoder::new(cfg, vb)?;
     let seed = Rng::new(opts.seed).fork(1);
-    init_vars(&varmap, &seed.fork(0), none_zeroed)?;
+    init_vars(&varmap, &seed.fork(0), |_| false)?;
     // Start with a narrow posterior (σ ≈ 0.02): at σ = 1 the decoder first sees mostly noise, and the
     // small KL weight takes hundreds of steps to teach the encoder otherwise.
     if let Some(bias) = varmap.data().lock().unwrap_or_else(|p| p.into_inner()).get("quant_conv.bias") {
@@ -538,7 +533,7 @@ pub fn train_denoiser(dir: &Path, variant: Variant, opts: &TrainOptions, progres
     let text = ClipTextModel::new(text_config, VarBuilder::from_varmap(&text_map, DType::F32, &device))?;
     let unet_map = VarMap::new();
     let unet = UNet::new(UNetConfig::load(&dir.join("unet/config.json"))?, VarBuilder::from_varmap(&unet_map, DType::F32, &device))?;
-    init_vars(&text_map, &seed.fork(2), none_zeroed)?;
+    init_vars(&text_map, &seed.fork(2), |_| false)?;
     init_vars(&unet_map, &seed.fork(3), unet_zeroed)?;
     let s = opts.denoiser;
     let mut vars = text_map.all_vars();

@@ -15,7 +15,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tenso
 use rayon::prelude::*;
 
 use super::broadcast::contiguous_f32;
-use super::vector_math::{gelu_erf, gelu_erf_and_slope, gelu_tanh, quick_gelu, sigmoid, silu, vectorised, TWO_SQRT_2_OVER_PI};
+use super::vector_math::{gelu_erf, gelu_erf_and_slope, gelu_tanh, gelu_tanh_arg, quick_gelu, sigmoid, silu, vectorised, QUICK_GELU_SCALE};
 
 /// Rows per parallel task: a few hundred kB of activations.
 const ROWS_PER_TASK: usize = 32;
@@ -53,8 +53,8 @@ impl Gate {
     fn slope(self, x: f32) -> f32 {
         let (k, dk) = match self {
             Self::Silu => (x, 1.0),
-            Self::GeluTanh => (TWO_SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x), TWO_SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044_715 * x * x)),
-            Self::QuickGelu => (1.702 * x, 1.702),
+            Self::GeluTanh => gelu_tanh_arg(x),
+            Self::QuickGelu => (QUICK_GELU_SCALE * x, QUICK_GELU_SCALE),
         };
         let s = sigmoid(k);
         s + x * s * (1.0 - s) * dk

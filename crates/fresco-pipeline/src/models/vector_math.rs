@@ -105,20 +105,30 @@ pub fn silu(x: f32) -> f32 {
     x * sigmoid(x)
 }
 
-/// `2·√(2/π)`, the tanh GELU's scale of its argument as a logistic function's.
-pub const TWO_SQRT_2_OVER_PI: f32 = 1.595_769_2;
-
 /// The tanh-approximate GELU, `x/2 · (1 + tanh(√(2/π) · (x + 0.044715 x³)))`, written as
 /// `x · σ(2u)` (the same function: `1 + tanh(u) = 2σ(2u)`), so no `tanhf` call.
 #[inline(always)]
 pub fn gelu_tanh(x: f32) -> f32 {
-    x * sigmoid(TWO_SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x))
+    x * sigmoid(gelu_tanh_arg(x).0)
 }
+
+/// The tanh GELU's logistic argument `k(x) = 2·√(2/π)·(x + 0.044715 x³)` and its slope `k′(x)`: the
+/// forward pass takes the first, a backward pass both.
+#[inline(always)]
+pub fn gelu_tanh_arg(x: f32) -> (f32, f32) {
+    // 2·√(2/π), the scale of `tanh`'s argument as a logistic function's.
+    const TWO_SQRT_2_OVER_PI: f32 = 1.595_769_2;
+    const CUBIC: f32 = 0.044_715;
+    (TWO_SQRT_2_OVER_PI * (x + CUBIC * x * x * x), TWO_SQRT_2_OVER_PI * (1.0 + 3.0 * CUBIC * x * x))
+}
+
+/// The scale of CLIP's quick GELU, `x · σ(1.702 x)`.
+pub const QUICK_GELU_SCALE: f32 = 1.702;
 
 /// CLIP's quick GELU, `x · σ(1.702 x)`.
 #[inline(always)]
 pub fn quick_gelu(x: f32) -> f32 {
-    x * sigmoid(1.702 * x)
+    x * sigmoid(QUICK_GELU_SCALE * x)
 }
 
 #[cfg(test)]
