@@ -101,8 +101,43 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e));
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// The error and its causes on one line, each cause once. fresco's library errors state their cause in
+/// their own message (a gRPC status or a log line shows only that) and also return it as their source,
+/// so anyhow's `{:#}` would print it twice: "x.json: No such file (os error 2): No such file (os error 2)".
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    let mut previous = String::new();
+    for cause in e.chain() {
+        let message = cause.to_string();
+        if previous.ends_with(&message) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&message);
+        previous = message;
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_text;
+
+    #[test]
+    fn an_error_names_each_cause_once() {
+        let missing = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let e = anyhow::Error::from(fresco_tiny::TinyError::io(std::path::Path::new("tok/vocab.json"), missing)).context("writing models");
+        assert_eq!(error_text(&e), "writing models: tok/vocab.json: no such file");
+        // A cause its parent does not quote still shows.
+        let e = anyhow::Error::from(std::io::Error::other("disk full")).context("saving");
+        assert_eq!(error_text(&e), "saving: disk full");
     }
 }

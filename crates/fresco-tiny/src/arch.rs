@@ -149,10 +149,12 @@ pub const BETA_START: f64 = 0.00085;
 pub const BETA_END: f64 = 0.012;
 pub const TRAIN_TIMESTEPS: usize = 1000;
 
-pub fn scheduler_config(variant: Variant) -> Value {
+/// The scheduler the model ships; `flow_shift` is the timestep shift the flow variant was trained with,
+/// which its sampler then applies too (the diffusion variant has none).
+pub fn scheduler_config(variant: Variant, flow_shift: f64) -> Value {
     match variant {
         Variant::Diffusion => json!({
-            "_class_name": "DDIMScheduler",
+            "_class_name": scheduler_class(variant),
             "beta_schedule": "scaled_linear",
             "beta_start": BETA_START,
             "beta_end": BETA_END,
@@ -164,16 +166,23 @@ pub fn scheduler_config(variant: Variant) -> Value {
             "timestep_spacing": "trailing",
         }),
         Variant::Flow => json!({
-            "_class_name": "FlowMatchEulerDiscreteScheduler",
+            "_class_name": scheduler_class(variant),
             "num_train_timesteps": TRAIN_TIMESTEPS,
-            "shift": 1.0,
+            "shift": flow_shift,
         }),
+    }
+}
+
+fn scheduler_class(variant: Variant) -> &'static str {
+    match variant {
+        Variant::Diffusion => "DDIMScheduler",
+        Variant::Flow => "FlowMatchEulerDiscreteScheduler",
     }
 }
 
 /// `model_index.json`, with the sampling recipe fresco reads from `_fresco_defaults`.
 pub fn model_index(variant: Variant, steps: usize, guidance: f64) -> Value {
-    let scheduler = scheduler_config(variant)["_class_name"].clone();
+    let scheduler = scheduler_class(variant);
     json!({
         "_class_name": "StableDiffusionPipeline",
         "_fresco_defaults": { "steps": steps, "guidance": guidance },

@@ -14,6 +14,7 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use fresco_pipeline::models::clip::{ClipConfig, ClipTextModel};
 use fresco_pipeline::models::unet::{UNet, UNetConfig};
 use fresco_pipeline::models::vae::{VaeConfig, VaeDecoder, VaeEncoder};
+use fresco_pipeline::schedulers::static_shift;
 use fresco_pipeline::tokenizer::PromptTokenizer;
 use fresco_pipeline::DeviceSpec;
 
@@ -56,6 +57,9 @@ pub struct TrainOptions {
     pub uncond_fraction: f64,
     /// [`LATENT_NOISE`], or 0 to train the autoencoder on its posterior alone.
     pub latent_noise: f64,
+    /// The flow variant's noise levels are drawn, then shifted by this toward noise
+    /// ([`static_shift`]; 1 leaves them as drawn); its scheduler config states the same shift.
+    pub flow_shift: f64,
     pub device: DeviceSpec,
 }
 
@@ -70,6 +74,7 @@ impl Default for TrainOptions {
             pool: 24576,
             uncond_fraction: 0.1,
             latent_noise: LATENT_NOISE,
+            flow_shift: 1.0,
             device: DeviceSpec::Cpu,
         }
     }
@@ -88,9 +93,10 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
 
 /// Writes a model folder's configs and copies the CLIP tokenizer (vocab.json + merges.txt) into it;
 /// weights come from training.
-pub fn write_skeleton(dir: &Path, variant: Variant, arch: &Arch, tokenizer: &Path, steps: usize, guidance: f64) -> Result<()> {
+pub fn write_skeleton(dir: &Path, variant: Variant, opts: &TrainOptions, tokenizer: &Path, steps: usize, guidance: f64) -> Result<()> {
+    let arch = &opts.arch;
     write_json(&dir.join("model_index.json"), &arch::model_index(variant, steps, guidance))?;
-    write_json(&dir.join("scheduler/scheduler_config.json"), &arch::scheduler_config(variant))?;
+    write_json(&dir.join("scheduler/scheduler_config.json"), &arch::scheduler_config(variant, opts.flow_shift))?;
     write_json(&dir.join("text_encoder/config.json"), &arch.text_config())?;
     write_json(&dir.join("unet/config.json"), &arch.unet_config())?;
     let tok = dir.join("tokenizer");
@@ -565,9 +571,10 @@ pub fn train_denoiser(dir: &Path, variant: Variant, opts: &TrainOptions, progres
             }
             Variant::Flow => {
                 // Half uniform, half logit-normal (SD3's density): few-step sampling needs the ends too.
+                // Then shifted toward noise by `flow_shift`, as the model's scheduler will shift its steps.
                 let sig: Vec<f64> = (0..s.batch)
                     .map(|_| if draw.chance(0.5) { draw.f64() } else { 1.0 / (1.0 + (-draw.normal()).exp()) })
-                    .map(|v| v.clamp(1e-3, 1.0))
+                    .map(|v| static_shift(v, opts.flow_shift).clamp(1e-3, 1.0))
                     .collect();
                 let keep: Vec<f64> = sig.iter().map(|s| 1.0 - s).collect();
                 let xt = (x0.broadcast_mul(&per_sample(&keep, &device)?)? + eps.broadcast_mul(&per_sample(&sig, &device)?)?)?;

@@ -34,7 +34,7 @@ fn train_all(root: &Path, seed: u64) -> Vec<PathBuf> {
         .into_iter()
         .map(|v| {
             let dir = root.join(v.folder());
-            train::write_skeleton(&dir, v, &opts.arch, &tokenizer(), 3, 2.0).expect("skeleton");
+            train::write_skeleton(&dir, v, &opts, &tokenizer(), 3, 2.0).expect("skeleton");
             std::fs::create_dir_all(dir.join("vae")).expect("mkdir");
             for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
                 std::fs::copy(vae.join(f), dir.join("vae").join(f)).expect("copy");
@@ -136,4 +136,28 @@ fn decoder_training_leaves_the_encoder_and_so_the_latents_alone() {
     // What the round trip reads back is still a whole autoencoder.
     let rt = train::reconstruction_adherence(&vae, 4, 1, &DeviceSpec::Cpu).expect("round trip");
     assert_eq!(rt.samples.iter().map(Vec::len).collect::<Vec<_>>(), [4, 4]);
+}
+
+/// `flow_shift` reaches both ends: the flow variant trains on shifted noise levels (other weights from
+/// the same seed and autoencoder), and its scheduler samples with the same shift.
+#[test]
+fn the_flow_shift_reaches_training_and_the_scheduler() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let train_flow = |name: &str, flow_shift: f64| {
+        let opts = TrainOptions { flow_shift, ..options(4) };
+        let dir = root.path().join(name);
+        train::train_vae(&dir.join("vae"), &opts, &mut |_, _, _, _| {}).expect("vae");
+        train::write_skeleton(&dir, Variant::Flow, &opts, &tokenizer(), 3, 2.0).expect("skeleton");
+        train::train_denoiser(&dir, Variant::Flow, &opts, &mut |_, _, _, _| {}).expect("train");
+        dir
+    };
+    let (plain, shifted) = (train_flow("plain", 1.0), train_flow("shifted", 3.0));
+    let shift = |dir: &Path| {
+        let text = std::fs::read_to_string(dir.join("scheduler/scheduler_config.json")).expect("scheduler config");
+        serde_json::from_str::<serde_json::Value>(&text).expect("json")["shift"].as_f64().expect("shift")
+    };
+    assert_eq!((shift(&plain), shift(&shifted)), (1.0, 3.0));
+    assert!(weights(&plain)[0] == weights(&shifted)[0], "the autoencoder does not depend on the shift");
+    assert!(weights(&plain)[2] != weights(&shifted)[2], "the U-Net trained on the same noise levels");
+    Pipeline::load(&shifted, &DeviceSpec::Cpu).expect("a shifted model loads");
 }

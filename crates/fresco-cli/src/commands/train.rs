@@ -40,6 +40,10 @@ pub struct Args {
     /// Largest noise, relative to the latents' RMS, the decoder learns to read latents through (0: none).
     #[arg(long, default_value_t = TrainOptions::default().latent_noise)]
     latent_noise: f64,
+    /// Shift of the flow variant's training noise levels toward noise, σ ↦ sσ / (1 + (s − 1)σ) as SD3 and
+    /// FLUX shift theirs; its scheduler samples with the same shift (1: none).
+    #[arg(long, default_value_t = TrainOptions::default().flow_shift)]
+    flow_shift: f64,
     #[arg(long, default_value_t = TrainOptions::default().denoiser.steps)]
     steps: usize,
     #[arg(long, default_value_t = TrainOptions::default().denoiser.batch)]
@@ -132,6 +136,7 @@ fn run_on_pool(args: Args) -> anyhow::Result<()> {
         denoiser: Schedule { steps: args.steps, batch: args.batch, lr: args.lr },
         pool: args.pool,
         latent_noise: args.latent_noise,
+        flow_shift: args.flow_shift,
         device: args.device.clone(),
         ..defaults
     };
@@ -147,6 +152,7 @@ fn run_on_pool(args: Args) -> anyhow::Result<()> {
         train::MIN_DENOISER_STEPS
     );
     anyhow::ensure!(opts.latent_noise.is_finite() && opts.latent_noise >= 0.0, "--latent-noise must be zero or positive");
+    anyhow::ensure!(opts.flow_shift.is_finite() && opts.flow_shift > 0.0, "--flow-shift must be positive");
     let variants: Vec<Variant> = match args.variant {
         Which::Both => vec![Variant::Diffusion, Variant::Flow],
         Which::Diffusion => vec![Variant::Diffusion],
@@ -268,8 +274,7 @@ impl Part {
 fn prepare_model(args: &Args, opts: &TrainOptions, variant: Variant, vae_dir: &Path) -> anyhow::Result<()> {
     let dir = args.out.join(variant.folder());
     let (steps, guidance) = recipe(variant);
-    train::write_skeleton(&dir, variant, &opts.arch, &args.tokenizer, steps, guidance)
-        .with_context(|| format!("writing {}", dir.display()))?;
+    train::write_skeleton(&dir, variant, opts, &args.tokenizer, steps, guidance).with_context(|| format!("writing {}", dir.display()))?;
     copy_dir(vae_dir, &dir.join("vae"))
 }
 
@@ -301,6 +306,7 @@ fn child_args(args: &Args, part: Part, vae_dir: &Path) -> Vec<OsString> {
         Part::Denoiser(v) => {
             flag("variant", v.name().into());
             flag("vae-from", args.out.join(v.folder()).into());
+            flag("flow-shift", args.flow_shift.to_string().into());
         }
         Part::Decoder => {
             flag("decoder-of", vae_dir.into());
@@ -366,7 +372,7 @@ mod tests {
     #[test]
     fn child_processes_get_the_parents_settings() {
         let line = "train --out /tmp/m --seed 7 --tokenizer /tmp/tok --steps 9 --batch 3 --lr 0.002 --pool 5 \
-                    --decoder-steps 11 --decoder-batch 4 --latent-noise 0.25 --vae-channels 8,8,16,16 --latent-channels 4 --unet-channels 16,32 --test-arch";
+                    --decoder-steps 11 --decoder-batch 4 --latent-noise 0.25 --flow-shift 2.5 --vae-channels 8,8,16,16 --latent-channels 4 --unet-channels 16,32 --test-arch";
         let parent = parse(line.split(' ').map(OsString::from));
         let vae = Path::new("/tmp/m/.vae/vae");
         let same = |c: &Args| {
@@ -382,6 +388,7 @@ mod tests {
         assert!(
             flow.variant == Which::Flow
                 && flow.vae_from.as_deref() == Some(Path::new("/tmp/m/fresco-tiny-flow"))
+                && flow.flow_shift == 2.5
                 && flow.decoder_of.is_none()
         );
         let decoder = parse(child_args(&parent, Part::Decoder, vae));

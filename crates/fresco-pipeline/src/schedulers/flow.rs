@@ -28,6 +28,12 @@ pub fn dynamic_shift_mu(config: &Config, tokens: usize) -> Result<f64> {
     Ok(tokens as f64 * m + base_shift - m * base_len)
 }
 
+/// SD3's static timestep shift, σ ↦ sσ / (1 + (s − 1)σ): keeps 0 and 1 and, for s > 1, moves the levels
+/// between toward noise; s = 1 leaves every level exactly as it is.
+pub fn static_shift(sigma: f64, shift: f64) -> f64 {
+    shift * sigma / (1.0 + (shift - 1.0) * sigma)
+}
+
 pub struct FlowEuler {
     timesteps: Vec<f64>,
     sigmas: Vec<f64>,
@@ -46,13 +52,12 @@ impl FlowEuler {
         if config.raw("shift_terminal").is_some() {
             return Err(PipelineError::config(&config.path, "shift_terminal is not supported"));
         }
-        let static_shift = |x: f64| s * x / (1.0 + (s - 1.0) * x);
         let sigmas: Vec<f64> = match shift.and_then(|f| f.sigmas.clone()) {
             Some(v) => v,
             None => {
                 // As diffusers: the training sigmas are shifted once at construction (unless dynamic), and
                 // the inference ramp between their ends is shifted again below.
-                let train = |t: f64| if dynamic { t / n } else { static_shift(t / n) };
+                let train = |t: f64| if dynamic { t / n } else { static_shift(t / n, s) };
                 let (hi, lo) = (train(n) * n, train(1.0) * n);
                 (0..steps).map(|i| if steps == 1 { hi / n } else { (hi + (lo - hi) * i as f64 / (steps - 1) as f64) / n }).collect()
             }
@@ -67,7 +72,7 @@ impl FlowEuler {
                 other => return Err(PipelineError::config(&config.path, format!("time_shift_type {other:?} is not supported"))),
             }
         } else {
-            sigmas.iter().map(|x| static_shift(*x)).collect()
+            sigmas.iter().map(|&x| static_shift(x, s)).collect()
         };
         let timesteps = sigmas.iter().map(|x| x * n).collect();
         let mut sigmas = sigmas;
@@ -94,6 +99,20 @@ impl Scheduler for FlowEuler {
 mod tests {
     use super::*;
     use std::path::Path;
+
+    #[test]
+    fn a_static_shift_keeps_the_ends_and_moves_the_middle_toward_noise() {
+        let levels: Vec<f64> = (0..=100).map(|i| f64::from(i) / 100.0).collect();
+        // Bit for bit: a model trained or sampled with shift 1 is the unshifted one.
+        assert!(levels.iter().all(|&x| static_shift(x, 1.0).to_bits() == x.to_bits()));
+        for s in [0.5, 2.0, 3.0] {
+            assert_eq!((static_shift(0.0, s), static_shift(1.0, s)), (0.0, 1.0));
+            let shifted: Vec<f64> = levels.iter().map(|&x| static_shift(x, s)).collect();
+            assert!(shifted.windows(2).all(|w| w[0] < w[1]), "shift {s} keeps the order");
+            assert_eq!(shifted[50] > 0.5, s > 1.0, "shift {s} at 0.5: {}", shifted[50]);
+        }
+        assert!((static_shift(0.5, 2.0) - 2.0 / 3.0).abs() < 1e-15);
+    }
 
     /// FLUX.1-dev's published scheduler config; expected values from diffusers 0.42.1 (`calculate_shift`,
     /// then `set_timesteps(sigmas=linspace(1, 1/n, n), mu=mu)`), float32 there.

@@ -16,7 +16,7 @@ use crate::error::{PipelineError, Result};
 use crate::loader::Config;
 use crate::noise::NoiseStreams;
 
-pub use flow::{dynamic_shift_mu, FlowShift};
+pub use flow::{dynamic_shift_mu, static_shift, FlowShift};
 pub use schedule::Prediction;
 
 /// One denoising schedule for one generation: the timesteps to evaluate the denoiser at, and the update
