@@ -94,11 +94,10 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
 /// Writes a model folder's configs and copies the CLIP tokenizer (vocab.json + merges.txt) into it;
 /// weights come from training.
 pub fn write_skeleton(dir: &Path, variant: Variant, opts: &TrainOptions, tokenizer: &Path, steps: usize, guidance: f64) -> Result<()> {
-    let arch = &opts.arch;
     write_json(&dir.join("model_index.json"), &arch::model_index(variant, steps, guidance))?;
     write_json(&dir.join("scheduler/scheduler_config.json"), &arch::scheduler_config(variant, opts.flow_shift))?;
-    write_json(&dir.join("text_encoder/config.json"), &arch.text_config())?;
-    write_json(&dir.join("unet/config.json"), &arch.unet_config())?;
+    write_json(&dir.join("text_encoder/config.json"), &opts.arch.text_config())?;
+    write_json(&dir.join("unet/config.json"), &opts.arch.unet_config())?;
     let tok = dir.join("tokenizer");
     std::fs::create_dir_all(&tok).map_err(|e| TinyError::io(&tok, e))?;
     for f in ["vocab.json", "merges.txt", "special_tokens_map.json"] {
@@ -110,7 +109,7 @@ pub fn write_skeleton(dir: &Path, variant: Variant, opts: &TrainOptions, tokeniz
             .map_err(|e| TinyError::io(&tokenizer.join("tokenizer_config.json"), e))?,
     )
     .map_err(|e| TinyError::Invalid(format!("{}: {e}", tokenizer.join("tokenizer_config.json").display())))?;
-    config["model_max_length"] = arch.max_tokens.into();
+    config["model_max_length"] = opts.arch.max_tokens.into();
     write_json(&tok.join("tokenizer_config.json"), &config)
 }
 
