@@ -1,5 +1,6 @@
 //! Pipeline behaviour beyond parity: batches equal single runs, seeds reproduce, and bad input gives a clear
 //! error naming the file or parameter — never a panic.
+#![allow(clippy::unwrap_used)] // test helpers: failing loudly is the point
 
 use std::path::{Path, PathBuf};
 
@@ -37,11 +38,12 @@ fn a_batch_equals_its_single_runs_and_seeds_reproduce() {
         let mut batch = request(&["a red circle", "a blue square", "two green triangles"], &[11, 22, 33]);
         batch.negative_prompts = vec![None, Some("blurry".into()), None];
         let together = pipe.generate(&batch).unwrap();
-        for i in 0..3 {
+        assert_eq!(together.len(), 3, "{model}: one image per prompt");
+        for (i, image) in together.iter().enumerate() {
             let mut single = request(&[batch.prompts[i].as_str()], &[batch.seeds[i]]);
             single.negative_prompts = vec![batch.negative_prompts[i].clone()];
             let alone = pipe.generate(&single).unwrap();
-            let max = together[i].rgb.iter().zip(&alone[0].rgb).map(|(a, b)| (*a as i32 - *b as i32).abs()).max().unwrap();
+            let max = image.rgb.iter().zip(&alone[0].rgb).map(|(a, b)| (*a as i32 - *b as i32).abs()).max().unwrap();
             assert!(max <= 1, "{model}: image {i} differs by {max} between batch and single run");
         }
         let again = pipe.generate(&batch).unwrap();

@@ -4,6 +4,7 @@
 //! `FRESCO_TEST_DEVICE=cuda` runs the same cases on a GPU (a build with `--features cuda`), and
 //! `FRESCO_TEST_CASES=sd15,flux` only the cases whose names start with one of the given prefixes; CI runs
 //! all of them on the CPU.
+#![allow(clippy::unwrap_used)] // test helpers: failing loudly is the point
 
 use std::path::{Path, PathBuf};
 

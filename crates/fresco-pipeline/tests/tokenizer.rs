@@ -1,4 +1,5 @@
 //! Token ids against the reference tokenizers' output (`tests/fixtures/cases/tokenizer-cases.json`).
+#![allow(clippy::unwrap_used)] // test helpers: failing loudly is the point
 
 use std::path::{Path, PathBuf};
 

@@ -58,7 +58,9 @@ pub struct TrainOptions {
     /// [`LATENT_NOISE`], or 0 to train the autoencoder on its posterior alone.
     pub latent_noise: f64,
     /// The flow variant's noise levels are drawn, then shifted by this toward noise
-    /// ([`static_shift`]; 1 leaves them as drawn); its scheduler config states the same shift.
+    /// ([`static_shift`]; 1 leaves them as drawn); its scheduler config states the same shift. The default,
+    /// 2, trains on twice as many of the high noise levels where counts, shapes and places are settled:
+    /// 36% → 46% of one-object prompts right in a full run (models/README.md).
     pub flow_shift: f64,
     pub device: DeviceSpec,
 }
@@ -74,7 +76,7 @@ impl Default for TrainOptions {
             pool: 24576,
             uncond_fraction: 0.1,
             latent_noise: LATENT_NOISE,
-            flow_shift: 1.0,
+            flow_shift: 2.0,
             device: DeviceSpec::Cpu,
         }
     }
