@@ -446,8 +446,9 @@ struct Ema {
     average: Vec<Tensor>,
 }
 
-/// The averaging horizon, in steps (decay 1 − 1/1000); shorter early on ((1 + n) / (10 + n)) so the
-/// average does not hold on to the random initialisation.
+/// The averaging horizon, in steps (decay 1 − 1/1000); shorter early on ((1 + n) / (10 + n), the lower
+/// of the two until step 8,990) so the average does not hold on to the random initialisation. Averages
+/// of about 500 and 1,900 steps of the same full run measured within the spread of this one (models/README).
 const EMA_DECAY: f64 = 0.999;
 
 impl Ema {
