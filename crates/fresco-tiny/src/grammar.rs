@@ -257,6 +257,19 @@ impl Prompt {
     }
 }
 
+/// Every word a prompt of this grammar can contain.
+pub fn words() -> Vec<&'static str> {
+    let mut words: Vec<&'static str> = vec!["and", "on", "a", "background"];
+    words.extend(Count::ALL.iter().map(|c| c.word()));
+    words.extend(Size::ALL.iter().filter_map(|s| s.word()));
+    words.extend(Color::ALL.iter().map(|c| c.word()));
+    words.extend(Shape::ALL.iter().flat_map(|s| [s.word(false), s.word(true)]));
+    words.extend(Position::ALL.iter().flat_map(|p| p.words().split(' ')));
+    words.sort_unstable();
+    words.dedup();
+    words
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,6 +302,18 @@ mod tests {
             held += usize::from(p.is_held_out());
         }
         assert!((300..700).contains(&held), "held out {held} of 5000");
+    }
+
+    #[test]
+    fn the_word_list_covers_every_prompt() {
+        let words = words();
+        let mut rng = Rng::new(5);
+        for i in 0..2000 {
+            let p = Prompt::sample(&mut rng, 1 + i % 2);
+            for w in p.text().split(' ') {
+                assert!(words.contains(&w), "{w:?} of {:?}", p.text());
+            }
+        }
     }
 
     #[test]

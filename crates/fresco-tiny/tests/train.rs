@@ -18,6 +18,7 @@ fn options(seed: u64) -> TrainOptions {
         seed,
         arch: Arch::test(),
         vae: Schedule { steps: 2, batch: 2, lr: 1e-3 },
+        text: Schedule { steps: 2, batch: 4, lr: 1e-3 },
         denoiser: Schedule { steps: 2, batch: 4, lr: 1e-3 },
         pool: 8,
         uncond_fraction: 0.25,
@@ -25,20 +26,34 @@ fn options(seed: u64) -> TrainOptions {
     }
 }
 
+fn copy_files(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for f in std::fs::read_dir(from).expect("read_dir") {
+        let path = f.expect("entry").path();
+        std::fs::copy(&path, to.join(path.file_name().expect("name"))).expect("copy");
+    }
+}
+
+/// A model folder of `variant` with its configs, a freshly trained autoencoder and text encoder, ready
+/// for its U-Net's training.
+fn prepare(dir: &Path, variant: Variant, opts: &TrainOptions) {
+    let parts = dir.join(".parts");
+    train::train_vae(&parts.join("vae"), opts, &mut |_, _, _, _| {}).expect("vae");
+    train::train_text_encoder(&parts, &tokenizer(), opts, &mut |_, _, _, _| {}).expect("text encoder");
+    train::write_skeleton(dir, variant, opts, &tokenizer(), 3, 2.0).expect("skeleton");
+    copy_files(&parts.join("vae"), &dir.join("vae"));
+    copy_files(&parts.join("text_encoder"), &dir.join("text_encoder"));
+}
+
 /// Trains both variants into `root`; returns the model folders.
 fn train_all(root: &Path, seed: u64) -> Vec<PathBuf> {
     let opts = options(seed);
-    let vae = root.join("vae");
-    train::train_vae(&vae, &opts, &mut |_, _, _, _| {}).expect("vae");
     [Variant::Diffusion, Variant::Flow]
         .into_iter()
         .map(|v| {
             let dir = root.join(v.folder());
-            train::write_skeleton(&dir, v, &opts, &tokenizer(), 3, 2.0).expect("skeleton");
-            std::fs::create_dir_all(dir.join("vae")).expect("mkdir");
-            for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
-                std::fs::copy(vae.join(f), dir.join("vae").join(f)).expect("copy");
-            }
+            prepare(&dir, v, &opts);
+            let text_encoder = std::fs::read(dir.join("text_encoder/model.safetensors")).expect("text encoder");
             let mut losses = Vec::new();
             train::train_denoiser(&dir, v, &opts, &mut |phase, _, _, loss| {
                 if phase == v.name() {
@@ -48,6 +63,8 @@ fn train_all(root: &Path, seed: u64) -> Vec<PathBuf> {
             .expect("train");
             assert_eq!(losses.len(), 2);
             assert!(losses.iter().all(|l| l.is_finite() && *l > 0.0), "{losses:?}");
+            // Frozen while the U-Net trains, as Stable Diffusion's CLIP is.
+            assert!(std::fs::read(dir.join("text_encoder/model.safetensors")).expect("text encoder") == text_encoder);
             dir
         })
         .collect()
@@ -146,8 +163,7 @@ fn the_flow_shift_reaches_training_and_the_scheduler() {
     let train_flow = |name: &str, flow_shift: f64| {
         let opts = TrainOptions { flow_shift, ..options(4) };
         let dir = root.path().join(name);
-        train::train_vae(&dir.join("vae"), &opts, &mut |_, _, _, _| {}).expect("vae");
-        train::write_skeleton(&dir, Variant::Flow, &opts, &tokenizer(), 3, 2.0).expect("skeleton");
+        prepare(&dir, Variant::Flow, &opts);
         train::train_denoiser(&dir, Variant::Flow, &opts, &mut |_, _, _, _| {}).expect("train");
         dir
     };
@@ -158,6 +174,20 @@ fn the_flow_shift_reaches_training_and_the_scheduler() {
     };
     assert_eq!((shift(&plain), shift(&shifted)), (1.0, 3.0));
     assert!(weights(&plain)[0] == weights(&shifted)[0], "the autoencoder does not depend on the shift");
+    assert!(weights(&plain)[1] == weights(&shifted)[1], "nor does the text encoder");
     assert!(weights(&plain)[2] != weights(&shifted)[2], "the U-Net trained on the same noise levels");
     Pipeline::load(&shifted, &DeviceSpec::Cpu).expect("a shifted model loads");
+}
+
+/// Untrained, the text encoder reads hardly any prompt right; trained, it reads held-out prompts (ones it
+/// never saw) whole: every phrase's count, size, colour, shape and position and the background.
+#[test]
+fn the_text_encoder_learns_to_read_held_out_prompts() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let read_after = |steps: usize| {
+        let opts = TrainOptions { text: Schedule { steps, batch: 32, lr: 3e-3 }, ..options(2) };
+        train::train_text_encoder(&root.path().join(steps.to_string()), &tokenizer(), &opts, &mut |_, _, _, _| {}).expect("train")
+    };
+    let (untrained, trained) = (read_after(1), read_after(1000));
+    assert!(untrained < 0.02 && trained > 0.2, "read {untrained} untrained, {trained} trained");
 }

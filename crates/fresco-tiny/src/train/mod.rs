@@ -3,15 +3,16 @@
 //! one seed through [`Rng`] on the host, so a run is repeatable on a machine with the same thread count
 //! and device.
 //!
-//! Order: the autoencoder first (shared by both variants), then per variant the text encoder and U-Net
-//! together, on latents of a pool of rendered scenes encoded once by the frozen autoencoder.
+//! Order: the autoencoder and the text encoder first (each shared by both variants), then per variant the
+//! U-Net, on latents of a pool of rendered scenes encoded once by the frozen autoencoder and prompts
+//! encoded once by the frozen text encoder.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
-use fresco_pipeline::models::clip::{ClipConfig, ClipTextModel};
+use fresco_pipeline::models::clip::ClipTextModel;
 use fresco_pipeline::models::unet::{UNet, UNetConfig};
 use fresco_pipeline::models::vae::{VaeConfig, VaeDecoder, VaeEncoder};
 use fresco_pipeline::schedulers::static_shift;
@@ -22,6 +23,9 @@ use crate::arch::{self, Arch, Variant};
 use crate::error::{Result, TinyError};
 use crate::render::{sample_scene, Image};
 use crate::rng::Rng;
+
+mod text;
+pub use text::train_text_encoder;
 
 /// One optimisation run: steps, batch and peak learning rate (linear warm-up, cosine decay to a tenth).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -48,6 +52,8 @@ pub struct TrainOptions {
     pub arch: Arch,
     /// The autoencoder, both halves together, on crops.
     pub vae: Schedule,
+    /// The text encoder, before the denoisers ([`train_text_encoder`]).
+    pub text: Schedule,
     /// The decoder alone afterwards, encoder frozen, on whole scenes ([`train_decoder`]).
     pub decoder: Schedule,
     pub denoiser: Schedule,
@@ -71,6 +77,7 @@ impl Default for TrainOptions {
             seed: 0,
             arch: Arch::default(),
             vae: Schedule { steps: 6000, batch: 8, lr: 2e-3 },
+            text: Schedule { steps: 2000, batch: 64, lr: 1e-3 },
             decoder: Schedule { steps: 16000, batch: 2, lr: 1e-3 },
             denoiser: Schedule { steps: 17000, batch: 32, lr: 1e-3 },
             pool: 24576,
@@ -100,6 +107,12 @@ pub fn write_skeleton(dir: &Path, variant: Variant, opts: &TrainOptions, tokeniz
     write_json(&dir.join("scheduler/scheduler_config.json"), &arch::scheduler_config(variant, opts.flow_shift))?;
     write_json(&dir.join("text_encoder/config.json"), &opts.arch.text_config())?;
     write_json(&dir.join("unet/config.json"), &opts.arch.unet_config())?;
+    write_tokenizer(dir, opts, tokenizer)
+}
+
+/// Copies the CLIP tokenizer (vocab.json + merges.txt) into the model folder `dir`, with its length set
+/// to the text encoder's positions.
+fn write_tokenizer(dir: &Path, opts: &TrainOptions, tokenizer: &Path) -> Result<()> {
     let tok = dir.join("tokenizer");
     std::fs::create_dir_all(&tok).map_err(|e| TinyError::io(&tok, e))?;
     for f in ["vocab.json", "merges.txt", "special_tokens_map.json"] {
@@ -494,8 +507,8 @@ fn per_sample(values: &[f64], device: &Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(values.iter().map(|&v| v as f32).collect::<Vec<_>>(), (values.len(), 1, 1, 1), device)?)
 }
 
-/// Trains the text encoder and U-Net of the model folder `dir` (which already holds its configs,
-/// tokenizer and trained autoencoder) for `variant`.
+/// Trains the U-Net of the model folder `dir` (which already holds its configs, tokenizer, trained
+/// autoencoder and trained text encoder) for `variant`.
 pub fn train_denoiser(dir: &Path, variant: Variant, opts: &TrainOptions, progress: Progress) -> Result<()> {
     if opts.denoiser.steps < MIN_DENOISER_STEPS {
         return Err(TinyError::Invalid(format!(
@@ -526,36 +539,33 @@ pub fn train_denoiser(dir: &Path, variant: Variant, opts: &TrainOptions, progres
         progress("encode", prompts.len(), opts.pool, 0.0);
     }
 
-    let empty = tokenizer.encode("")?;
-    let mut token_rows = prompts.iter().map(|p| tokenizer.encode(p)).collect::<fresco_pipeline::Result<Vec<_>>>()?;
-    token_rows.push(empty);
-    let vocab = CompactVocab::new(&token_rows);
-    let token_rows: Vec<Vec<u32>> = token_rows.iter().map(|r| vocab.map(r)).collect();
-    let empty = token_rows[token_rows.len() - 1].clone();
+    // The text encoder is frozen, as Stable Diffusion's CLIP is: each prompt is encoded once.
+    let text = ClipTextModel::load(&dir.join("text_encoder"), false, DType::F32, &device)?;
+    let mut contexts = Vec::with_capacity(prompts.len());
+    for chunk in prompts.chunks(256) {
+        let ids = chunk.iter().map(|p| tokenizer.encode(p)).collect::<fresco_pipeline::Result<Vec<_>>>()?;
+        let states = text.forward(&ids)?.last_hidden_state;
+        for i in 0..chunk.len() {
+            contexts.push(states.get(i)?);
+        }
+    }
+    let empty = text.forward(&[tokenizer.encode("")?])?.last_hidden_state.get(0)?;
 
-    let full_config = ClipConfig::load(&dir.join("text_encoder"), false)?;
-    let mut text_config = full_config.clone();
-    text_config.vocab_size = vocab.used.len();
-    text_config.eos_token_id = vocab.index.get(&full_config.eos_token_id).copied().unwrap_or(0);
-    let text_map = VarMap::new();
-    let text = ClipTextModel::new(text_config, VarBuilder::from_varmap(&text_map, DType::F32, &device))?;
     let unet_map = VarMap::new();
     let unet = UNet::new(UNetConfig::load(&dir.join("unet/config.json"))?, VarBuilder::from_varmap(&unet_map, DType::F32, &device))?;
-    init_vars(&text_map, &seed.fork(2), |_| false)?;
     init_vars(&unet_map, &seed.fork(3), unet_zeroed)?;
     let s = opts.denoiser;
-    let mut vars = text_map.all_vars();
-    vars.extend(unet_map.all_vars());
-    let mut opt = adamw(vars, s.lr)?;
-    let (mut text_ema, mut unet_ema) = (Ema::new(&text_map)?, Ema::new(&unet_map)?);
+    let mut opt = adamw(unet_map.all_vars(), s.lr)?;
+    let mut ema = Ema::new(&unet_map)?;
     let mut draw = seed.fork(4);
     let ac = alphas_cumprod();
     for step in 0..s.steps {
         opt.set_learning_rate(s.lr_at(step));
         let picks: Vec<usize> = (0..s.batch).map(|_| draw.below(prompts.len())).collect();
-        let ids: Vec<Vec<u32>> =
-            picks.iter().map(|&i| if draw.chance(opts.uncond_fraction) { empty.clone() } else { token_rows[i].clone() }).collect();
-        let context = text.forward(&ids)?.last_hidden_state;
+        let context = Tensor::stack(
+            &picks.iter().map(|&i| if draw.chance(opts.uncond_fraction) { empty.clone() } else { contexts[i].clone() }).collect::<Vec<_>>(),
+            0,
+        )?;
         let x0 = Tensor::stack(&picks.iter().map(|&i| latents[i].clone()).collect::<Vec<_>>(), 0)?;
         let eps = normal_tensor(&mut draw, x0.dims(), &device)?;
         let (xt, t, target, weights) = match variant {
@@ -592,21 +602,13 @@ pub fn train_denoiser(dir: &Path, variant: Variant, opts: &TrainOptions, progres
         // On the second step: on the first, the zeroed weights (`unet_zeroed`) still block every
         // gradient upstream of them.
         if step == 1 {
-            check_gradients(&[&text_map, &unet_map], &grads)?;
+            check_gradients(&[&unet_map], &grads)?;
         }
         opt.step(&grads)?;
-        text_ema.update(step)?;
-        unet_ema.update(step)?;
+        ema.update(step)?;
         progress(variant.name(), step + 1, s.steps, loss.to_scalar::<f32>()?);
     }
-    let mut text_tensors = text_ema.tensors();
-    for (name, t) in &mut text_tensors {
-        if name.ends_with("token_embedding.weight") {
-            *t = vocab.expand(t, full_config.vocab_size, &seed.fork(5))?;
-        }
-    }
-    save_f16(text_tensors, &dir.join("text_encoder/model.safetensors"))?;
-    save_f16(unet_ema.tensors(), &dir.join("unet/diffusion_pytorch_model.safetensors"))
+    save_f16(ema.tensors(), &dir.join("unet/diffusion_pytorch_model.safetensors"))
 }
 
 #[cfg(test)]
