@@ -249,6 +249,16 @@ impl Prompt {
         Self { objects: out, background }
     }
 
+    /// Like [`Prompt::sample`], drawing again until the prompt is on the asked side of the held-out split.
+    pub fn sample_split(rng: &mut Rng, objects: usize, held_out: bool) -> Self {
+        loop {
+            let prompt = Self::sample(rng, objects);
+            if prompt.is_held_out() == held_out {
+                return prompt;
+            }
+        }
+    }
+
     /// One prompt text in ten is held out of training and kept for evaluation.
     pub fn is_held_out(&self) -> bool {
         let text = self.text();

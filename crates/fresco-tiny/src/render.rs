@@ -143,10 +143,7 @@ pub fn paint(background: [u8; 3], shapes: &[Placed]) -> Image {
 /// A prompt that fits, drawn at random (held-out prompts only when `held_out`), and its image.
 pub fn sample_scene(rng: &mut Rng, objects: usize, held_out: bool) -> (Prompt, Image) {
     loop {
-        let prompt = Prompt::sample(rng, objects);
-        if prompt.is_held_out() != held_out {
-            continue;
-        }
+        let prompt = Prompt::sample_split(rng, objects, held_out);
         if let Some(shapes) = layout(&prompt, rng) {
             let image = paint(prompt.background_rgb(), &shapes);
             return (prompt, image);

@@ -134,6 +134,12 @@ fn all_right(logits: &Tensor, labels: &[Vec<Option<usize>>], groups: &[usize]) -
     Ok(right as f64 / rows.len().max(1) as f64)
 }
 
+/// One or two object phrases, half each, never a held-out prompt (as the scenes of the U-Net's pool).
+fn random_training_prompt(rng: &mut Rng) -> Prompt {
+    let objects = 1 + rng.below(2);
+    Prompt::sample_split(rng, objects, false)
+}
+
 /// How many prompts the finished encoder is checked on.
 const CHECK_PROMPTS: usize = 512;
 
@@ -173,7 +179,7 @@ pub fn train_text_encoder(dir: &Path, tokenizer: &Path, opts: &TrainOptions, pro
     for step in 0..s.steps {
         opt.set_learning_rate(s.lr_at(step));
         let prompts: Vec<Option<Prompt>> =
-            (0..s.batch).map(|_| (!data.chance(opts.uncond_fraction)).then(|| training_prompt(&mut data))).collect();
+            (0..s.batch).map(|_| (!data.chance(opts.uncond_fraction)).then(|| random_training_prompt(&mut data))).collect();
         let batch = reader.batch(&prompts)?;
         let (objects, scenes) = heads.forward(&batch)?;
         let object_labels: Vec<_> = batch.phrase_ends.iter().map(|(_, l)| l.clone()).collect();
@@ -187,7 +193,7 @@ pub fn train_text_encoder(dir: &Path, tokenizer: &Path, opts: &TrainOptions, pro
     }
 
     let mut check = Rng::new(opts.seed).fork(7);
-    let prompts: Vec<Option<Prompt>> = (0..CHECK_PROMPTS).map(|i| Some(held_out_prompt(&mut check, 1 + i % 2))).collect();
+    let prompts: Vec<Option<Prompt>> = (0..CHECK_PROMPTS).map(|i| Some(Prompt::sample_split(&mut check, 1 + i % 2, true))).collect();
     let batch = reader.batch(&prompts)?;
     let (_, scenes) = heads.forward(&batch)?;
     let read = all_right(&scenes, &batch.scenes, &groups)?;
@@ -224,24 +230,6 @@ impl Heads<'_> {
         };
         let scenes = self.scene.forward(&states.narrow(1, n - 1, 1)?.squeeze(1)?)?;
         Ok((objects, scenes))
-    }
-}
-
-fn training_prompt(rng: &mut Rng) -> Prompt {
-    let objects = 1 + rng.below(2);
-    sampled_prompt(rng, objects, false)
-}
-
-fn held_out_prompt(rng: &mut Rng, objects: usize) -> Prompt {
-    sampled_prompt(rng, objects, true)
-}
-
-fn sampled_prompt(rng: &mut Rng, objects: usize, held_out: bool) -> Prompt {
-    loop {
-        let p = Prompt::sample(rng, objects);
-        if p.is_held_out() == held_out {
-            return p;
-        }
     }
 }
 
