@@ -43,8 +43,8 @@ fn a_batch_equals_its_single_runs_and_seeds_reproduce() {
             let mut single = request(&[batch.prompts[i].as_str()], &[batch.seeds[i]]);
             single.negative_prompts = vec![batch.negative_prompts[i].clone()];
             let alone = pipe.generate(&single).unwrap();
-            let max = image.rgb.iter().zip(&alone[0].rgb).map(|(a, b)| (*a as i32 - *b as i32).abs()).max().unwrap();
-            assert!(max <= 1, "{model}: image {i} differs by {max} between batch and single run");
+            // Bit for bit: a matrix product's rounding does not depend on its row count (models/matmul.rs).
+            assert!(image == &alone[0], "{model}: image {i} differs between batch and single run");
         }
         let again = pipe.generate(&batch).unwrap();
         assert_eq!(together, again, "{model}: same seeds, different images");

@@ -399,7 +399,11 @@ pub fn merge_heads(x: &Tensor) -> candle_core::Result<Tensor> {
 pub fn timestep_embedding(t: &Tensor, dim: usize, flip_sin_to_cos: bool, freq_shift: f64) -> candle_core::Result<Tensor> {
     let half = dim / 2;
     let device = t.device();
-    let exponent: Vec<f32> = (0..half).map(|i| (-(10000f64.ln()) * i as f64 / (half as f64 - freq_shift)).exp() as f32).collect();
+    // diffusers computes the exponents in float32, a multiplication and a division rounded each, and a
+    // timestep of up to 999 turns one unit in the last place of a frequency into 10⁻⁴ of a phase: the
+    // exponents computed exactly instead moved `sd15-ddim-20`'s images by up to 2 levels.
+    let (scale, divisor) = (-(10000f64.ln()) as f32, (half as f64 - freq_shift) as f32);
+    let exponent: Vec<f32> = (0..half).map(|i| f64::from(scale * i as f32 / divisor).exp() as f32).collect();
     let freqs = Tensor::from_vec(exponent, (1, half), device)?;
     let args = t.to_dtype(candle_core::DType::F32)?.unsqueeze(1)?.broadcast_mul(&freqs)?;
     let (sin, cos) = (args.sin()?, args.cos()?);

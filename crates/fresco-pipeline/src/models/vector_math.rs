@@ -4,8 +4,8 @@
 //! libm's `expf` and `erff` are scalar calls with branches; in a softmax over 4,096 scores a query or a
 //! GELU over SD's feed-forward activations they took a tenth of a U-Net evaluation.
 
-/// Runs `f` compiled for the widest vector units the CPU has: AVX-512, else AVX2, else the build's
-/// baseline. Only code inlined into the trampolines below profits, so the closure must be marked
+/// Runs `f` compiled for the widest vector units the CPU has: AVX-512, else AVX2 (with FMA, so that
+/// `mul_add` is one instruction, not a libm call), else the build's baseline. Only code inlined into the trampolines below profits, so the closure must be marked
 /// `#[inline(always)]` (it has three call sites, and a large one is otherwise called, not inlined),
 /// its helpers too, and its loops plain `for` loops over slices (an iterator chain ending in
 /// `collect()` or `fold` goes through library functions that stay out of line and run on SSE).
@@ -17,8 +17,8 @@ pub fn vectorised<R>(f: impl FnOnce() -> R) -> R {
             // SAFETY: the CPU has AVX-512F, checked just above.
             return unsafe { with_avx512(f) };
         }
-        if is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2, checked just above.
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA, checked just above.
             return unsafe { with_avx2(f) };
         }
     }
@@ -32,7 +32,7 @@ unsafe fn with_avx512<R>(f: impl FnOnce() -> R) -> R {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
     f()
 }

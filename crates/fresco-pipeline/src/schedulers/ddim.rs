@@ -17,15 +17,24 @@ pub struct Ddim {
     clip_sample: Option<f64>,
 }
 
-/// x0 and ε from a model output under the given parameterisation.
+/// x0 and ε from a model output under the given parameterisation, by diffusers' float32 operations:
+/// √α and √(1 − α) rounded to float32, and `(sample − √(1−α)·ε) / √α` a division, not a multiplication
+/// by a reciprocal. At high noise √α is about 0.07, so the rounding of this one expression is scaled
+/// by 14 into x0; written as diffusers writes it, fresco's rounding is diffusers' own.
 pub(super) fn split_prediction(p: Prediction, out: &Tensor, sample: &Tensor, alpha: f64) -> candle_core::Result<(Tensor, Tensor)> {
-    let beta = 1.0 - alpha;
-    let (sa, sb) = (alpha.sqrt(), beta.sqrt());
+    let (sa, sb) = root_coefficients(alpha);
+    let divide = |x: Tensor, d: f64| x.broadcast_div(&Tensor::new(d as f32, x.device())?.to_dtype(x.dtype())?);
     Ok(match p {
-        Prediction::Epsilon => (axpby(1.0 / sa, sample, -sb / sa, out)?, out.clone()),
+        Prediction::Epsilon => (divide((sample - (out * sb)?)?, sa)?, out.clone()),
         Prediction::VPrediction => (axpby(sa, sample, -sb, out)?, axpby(sa, out, sb, sample)?),
-        Prediction::Sample => (out.clone(), axpby(1.0 / sb, sample, -sa / sb, out)?),
+        Prediction::Sample => (out.clone(), divide((sample - (out * sa)?)?, sb)?),
     })
+}
+
+/// `(√α, √(1 − α))` in float32 arithmetic, as diffusers computes them from its float32 `alphas_cumprod`.
+pub(super) fn root_coefficients(alpha: f64) -> (f64, f64) {
+    let alpha = alpha as f32;
+    (f64::from(alpha.sqrt()), f64::from((1.0 - alpha).sqrt()))
 }
 
 impl Ddim {
@@ -67,6 +76,7 @@ impl Scheduler for Ddim {
         if let Some(r) = self.clip_sample {
             x0 = x0.clamp(-r, r)?;
         }
-        axpby(a_prev.sqrt(), &x0, (1.0 - a_prev).sqrt(), &eps)
+        let (sa_prev, sb_prev) = root_coefficients(a_prev);
+        axpby(sa_prev, &x0, sb_prev, &eps)
     }
 }
