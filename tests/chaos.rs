@@ -2,6 +2,7 @@
 //! one 2,000-prompt job, while workers are SIGKILLed (five times, each restarted), a coordinator is
 //! SIGKILLed and restarted, PostgreSQL restarts, and the S3 server is down for 20 seconds. Then an
 //! invariant checker asserts that nothing was lost or duplicated, and prints each fault's recovery time.
+#![allow(clippy::unwrap_used)] // test helpers: failing loudly is the point
 
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};

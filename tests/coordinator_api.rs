@@ -1,5 +1,6 @@
 //! The coordinator's gRPC API over a real socket: authentication and roles, bad input with the right
 //! status codes and nothing written, and the client CLI's view of a job.
+#![allow(clippy::unwrap_used)] // test helpers: failing loudly is the point
 
 use std::time::Duration;
 

@@ -1,5 +1,6 @@
 //! Operating the coordinator: the standard gRPC health service, server reflection, the Prometheus metrics
 //! endpoint, and TLS with client certificates.
+#![allow(clippy::unwrap_used)] // test helpers: failing loudly is the point
 
 use std::io::{Read, Write};
 use std::process::Command;

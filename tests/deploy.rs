@@ -3,6 +3,7 @@
 //! reference each other consistently; flags, environment variables and metric names used in manifests and
 //! the dashboard are ones fresco actually has. The compose topology's processes (PostgreSQL, an S3 server,
 //! coordinators, workers) run together in the other end-to-end tests.
+#![allow(clippy::unwrap_used)] // test helpers: failing loudly is the point
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -1,5 +1,6 @@
 //! `fresco generate` as a user runs it: reference cases reproduced from their initial latents through the
 //! command line, and the files it writes.
+#![allow(clippy::unwrap_used)] // test helpers: failing loudly is the point
 
 use std::process::Command;
 

@@ -1,5 +1,6 @@
 //! 10,000 malformed, oversized and out-of-range gRPC requests against a live coordinator: no crash,
 //! bounded memory, the right status code for each, and nothing written.
+#![allow(clippy::unwrap_used)] // test helpers: failing loudly is the point
 
 use fresco_e2e::*;
 use fresco_proto::v1;

@@ -277,11 +277,11 @@ mod properties {
         ) {
             let p = GenerationParams { steps, guidance, width, height, scheduler, negative_prompt: negative, format: ImageFormat::Png };
             if p.validate().is_ok() {
-                prop_assert!(p.steps.map_or(true, |s| (1..=MAX_STEPS).contains(&s)));
-                prop_assert!(p.guidance.map_or(true, |g| g.is_finite() && (0.0..=MAX_GUIDANCE).contains(&g)));
-                prop_assert!(p.width.map_or(true, |w| w % 8 == 0 && w > 0 && w <= MAX_SIDE));
-                prop_assert!(p.height.map_or(true, |h| h % 8 == 0 && h > 0 && h <= MAX_SIDE));
-                prop_assert!(p.scheduler.as_deref().map_or(true, |s| SCHEDULERS.contains(&s)));
+                prop_assert!(p.steps.is_none_or(|s| (1..=MAX_STEPS).contains(&s)));
+                prop_assert!(p.guidance.is_none_or(|g| g.is_finite() && (0.0..=MAX_GUIDANCE).contains(&g)));
+                prop_assert!(p.width.is_none_or(|w| w % 8 == 0 && w > 0 && w <= MAX_SIDE));
+                prop_assert!(p.height.is_none_or(|h| h % 8 == 0 && h > 0 && h <= MAX_SIDE));
+                prop_assert!(p.scheduler.as_deref().is_none_or(|s| SCHEDULERS.contains(&s)));
             }
         }
 

@@ -1,5 +1,6 @@
 //! One conformance suite, run against both backends: PostgreSQL (a fresh schema per test on
 //! `DATABASE_URL`, default the local server) and SQLite (in memory).
+#![allow(clippy::unwrap_used)] // test helpers: failing loudly is the point
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

@@ -1,5 +1,6 @@
 //! The worker loop against an in-memory coordinator (a fake `CoordinatorLink`) and a local output folder:
 //! report only after upload, drop cancelled work, report permanent failures as such, retry registration.
+#![allow(clippy::unwrap_used)] // test helpers: failing loudly is the point
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
