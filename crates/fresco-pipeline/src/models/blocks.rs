@@ -400,8 +400,9 @@ pub fn timestep_embedding(t: &Tensor, dim: usize, flip_sin_to_cos: bool, freq_sh
     let half = dim / 2;
     let device = t.device();
     // diffusers computes the exponents in float32, a multiplication and a division rounded each, and a
-    // timestep of up to 999 turns one unit in the last place of a frequency into 10⁻⁴ of a phase: the
-    // exponents computed exactly instead moved `sd15-ddim-20`'s images by up to 2 levels.
+    // timestep of up to 999 turns one unit in the last place of a frequency into 10⁻⁴ of a phase:
+    // exponents computed exactly put `sd15-ddim-20` further from diffusers' images (mean |Δ| 0.37 / 0.27
+    // against 0.25 / 0.23 of 255).
     let (scale, divisor) = (-(10000f64.ln()) as f32, (half as f64 - freq_shift) as f32);
     let exponent: Vec<f32> = (0..half).map(|i| f64::from(scale * i as f32 / divisor).exp() as f32).collect();
     let freqs = Tensor::from_vec(exponent, (1, half), device)?;

@@ -5,7 +5,8 @@
 //! GELU over SD's feed-forward activations they took a tenth of a U-Net evaluation.
 
 /// Runs `f` compiled for the widest vector units the CPU has: AVX-512, else AVX2 (with FMA, so that
-/// `mul_add` is one instruction, not a libm call), else the build's baseline. Only code inlined into the trampolines below profits, so the closure must be marked
+/// `mul_add` is one instruction, not a libm call), else the build's baseline. Only code inlined into
+/// the trampolines below profits, so the closure must be marked
 /// `#[inline(always)]` (it has three call sites, and a large one is otherwise called, not inlined),
 /// its helpers too, and its loops plain `for` loops over slices (an iterator chain ending in
 /// `collect()` or `fold` goes through library functions that stay out of line and run on SSE).

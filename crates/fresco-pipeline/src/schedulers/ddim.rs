@@ -32,7 +32,7 @@ pub(super) fn split_prediction(p: Prediction, out: &Tensor, sample: &Tensor, alp
 }
 
 /// `(√α, √(1 − α))` in float32 arithmetic, as diffusers computes them from its float32 `alphas_cumprod`.
-pub(super) fn root_coefficients(alpha: f64) -> (f64, f64) {
+fn root_coefficients(alpha: f64) -> (f64, f64) {
     let alpha = alpha as f32;
     (f64::from(alpha.sqrt()), f64::from((1.0 - alpha).sqrt()))
 }
