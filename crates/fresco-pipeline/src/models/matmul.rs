@@ -44,24 +44,7 @@ impl<P> Strided<P> {
     }
 }
 
-/// A pointer that [`Strided::offset`] can move.
-pub(super) trait Address: Copy {
-    fn wrapping_offset(self, count: isize) -> Self;
-}
-
-impl Address for *const f32 {
-    fn wrapping_offset(self, count: isize) -> Self {
-        self.wrapping_offset(count)
-    }
-}
-
-impl Address for *mut f32 {
-    fn wrapping_offset(self, count: isize) -> Self {
-        self.wrapping_offset(count)
-    }
-}
-
-impl<P: Address> Strided<P> {
+impl Strided<*const f32> {
     /// The submatrix from row `row` and column `col` on.
     fn offset(self, row: usize, col: usize) -> Self {
         Self { ptr: self.ptr.wrapping_offset(row as isize * self.row + col as isize * self.col), ..self }
@@ -151,10 +134,11 @@ unsafe fn in_order((m, n, k): (usize, usize, usize), operands: Operands, read_ds
     const LANES: usize = 8;
     const COLUMNS_PER_TASK: usize = 64;
     if matches!(parallelism, Parallelism::Rayon(_)) && n > COLUMNS_PER_TASK && m * n * k >= 1 << 20 {
-        let starts: Vec<usize> = (0..n).step_by(COLUMNS_PER_TASK).collect();
-        starts.into_par_iter().for_each(|j0| {
+        (0..n.div_ceil(COLUMNS_PER_TASK)).into_par_iter().for_each(|task| {
+            let j0 = task * COLUMNS_PER_TASK;
             let Operands { dst, lhs, rhs } = &operands;
-            let part = Operands { dst: dst.offset(0, j0), lhs: *lhs, rhs: rhs.offset(0, j0) };
+            let dst = Strided { ptr: dst.ptr.wrapping_offset(j0 as isize * dst.col), ..*dst };
+            let part = Operands { dst, lhs: *lhs, rhs: rhs.offset(0, j0) };
             // SAFETY: columns j0.. of dst and rhs, inside them; no other task writes these columns.
             unsafe { in_order((m, COLUMNS_PER_TASK.min(n - j0), k), part, read_dst, scale, Parallelism::None) }
         });
