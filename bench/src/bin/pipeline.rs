@@ -91,7 +91,7 @@ fn sd15_unet(spec: &DeviceSpec, batches: &[usize]) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
-    fresco_pipeline::set_cpu_thread_defaults(); // as the `fresco` binary does
+    fresco_pipeline::set_process_defaults(); // as the `fresco` binary does
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let mut spec = DeviceSpec::Cpu;
     if let Some(i) = args.iter().position(|a| a == "--device") {

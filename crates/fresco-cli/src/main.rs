@@ -60,7 +60,7 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     // Before any thread starts: it sets environment variables.
-    fresco_pipeline::set_cpu_thread_defaults();
+    fresco_pipeline::set_process_defaults();
     // The config file feeds the environment, so it must be applied before clap reads it.
     if let Err(e) = config::apply_from_args() {
         eprintln!("error: config file {e}");

@@ -64,19 +64,27 @@ impl DeviceSpec {
     }
 }
 
-/// Process-wide defaults for the CPU kernels' threads, for a binary's `main` to call before it starts any
-/// thread (it sets environment variables, which other threads could be reading). A value the environment
-/// already holds wins.
+/// Process-wide defaults for the CPU kernels' threads and the GPU's arithmetic, for a binary's `main` to
+/// call before it starts any thread (it sets environment variables, which other threads could be
+/// reading). A value the environment already holds wins.
 ///
 /// candle runs its element-wise ops on a pool of its own, whose workers spin 25,000 times after each op
 /// before they sleep. With few cores they spin on the cores rayon's workers need for the next convolution
 /// or attention: 27% of the samples of tiny-sd15's U-Net at batch 32 (a guided batch of 16), on 2 cores.
 /// With a hundred spins that U-Net ran 0.046 s instead of 0.059 s, level with PyTorch's 0.046–0.049 s,
 /// and an SD 1.5-sized U-Net at 512x512 was unchanged (11.7 s against 11.5 s).
-pub fn set_cpu_thread_defaults() {
-    const SPIN_LIMIT: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
-    if std::env::var_os(SPIN_LIMIT).is_none() {
-        std::env::set_var(SPIN_LIMIT, "100");
+///
+/// In a build with the `cudnn` feature, cuDNN runs float32 convolutions in TF32 (10-bit mantissas) unless
+/// `NVIDIA_TF32_OVERRIDE=0`, and candle offers no per-call switch (its cuBLAS products ask for float32
+/// arithmetic themselves). On an H200, TF32 moved the DDIM cases that clip x₀ by up to 208 of 255 from
+/// diffusers' float32 images; in float32 every reference case stays within the parity bound (max 2,
+/// mean ≤ 0.20), so a seed makes the same image on a GPU as on a CPU. `NVIDIA_TF32_OVERRIDE=1` keeps
+/// cuDNN's TF32 for speed (an SD 1.5-sized U-Net, guided batch of 16: 1.5 s against 3.0 s).
+pub fn set_process_defaults() {
+    for (name, value) in [("CANDLE_BARRIER_POOL_SPIN_LIMIT", "100"), ("NVIDIA_TF32_OVERRIDE", "0")] {
+        if std::env::var_os(name).is_none() {
+            std::env::set_var(name, value);
+        }
     }
 }
 

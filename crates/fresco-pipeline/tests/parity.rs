@@ -35,6 +35,8 @@ const MAX_DIFF: f64 = 2.0;
 const MEAN_DIFF: f64 = 0.75;
 
 fn device() -> DeviceSpec {
+    // As the `fresco` binary runs: on a GPU that means float32 convolutions without TF32.
+    fresco_pipeline::set_process_defaults();
     std::env::var("FRESCO_TEST_DEVICE").map_or(DeviceSpec::Cpu, |d| d.parse().expect("FRESCO_TEST_DEVICE"))
 }
 
