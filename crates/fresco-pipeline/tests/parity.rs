@@ -35,8 +35,6 @@ const MAX_DIFF: f64 = 2.0;
 const MEAN_DIFF: f64 = 0.75;
 
 fn device() -> DeviceSpec {
-    // As the `fresco` binary runs: on a GPU that means float32 convolutions without TF32.
-    fresco_pipeline::set_process_defaults();
     std::env::var("FRESCO_TEST_DEVICE").map_or(DeviceSpec::Cpu, |d| d.parse().expect("FRESCO_TEST_DEVICE"))
 }
 
@@ -78,6 +76,8 @@ fn run_case(name: &str) -> Vec<String> {
 /// Every case folder under tests/fixtures/cases, so a new reference case is checked by adding it.
 #[test]
 fn every_reference_case_matches_diffusers() {
+    // As the `fresco` binary runs, once, before any pipeline: on a GPU, float32 convolutions without TF32.
+    fresco_pipeline::set_process_defaults();
     let mut names: Vec<String> = std::fs::read_dir(fixtures().join("cases"))
         .unwrap()
         .flatten()
