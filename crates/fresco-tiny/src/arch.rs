@@ -144,20 +144,21 @@ impl Arch {
     }
 }
 
-/// Diffusion training uses these betas; the scheduler config the model ships states the same ones.
+/// The diffusion variant's betas start where Stable Diffusion's do (scaled-linear from 0.00085); where
+/// they end is a training option (`TrainOptions::beta_end`). The scheduler config the model ships states
+/// the same ones.
 pub const BETA_START: f64 = 0.00085;
-pub const BETA_END: f64 = 0.012;
 pub const TRAIN_TIMESTEPS: usize = 1000;
 
-/// The scheduler the model ships; `flow_shift` is the timestep shift the flow variant was trained with,
-/// which its sampler then applies too (the diffusion variant has none).
-pub fn scheduler_config(variant: Variant, flow_shift: f64) -> Value {
+/// The scheduler the model ships: for the flow variant with the timestep shift it was trained with, for
+/// the diffusion variant with the betas it was trained with.
+pub fn scheduler_config(variant: Variant, flow_shift: f64, beta_end: f64) -> Value {
     match variant {
         Variant::Diffusion => json!({
             "_class_name": scheduler_class(variant),
             "beta_schedule": "scaled_linear",
             "beta_start": BETA_START,
-            "beta_end": BETA_END,
+            "beta_end": beta_end,
             "num_train_timesteps": TRAIN_TIMESTEPS,
             "prediction_type": "epsilon",
             "clip_sample": false,

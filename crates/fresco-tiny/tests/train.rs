@@ -155,28 +155,36 @@ fn decoder_training_leaves_the_encoder_and_so_the_latents_alone() {
     assert_eq!(rt.samples.iter().map(Vec::len).collect::<Vec<_>>(), [4, 4]);
 }
 
-/// `flow_shift` reaches both ends: the flow variant trains on shifted noise levels (other weights from
-/// the same seed and autoencoder), and its scheduler samples with the same shift.
+/// The noise options reach both ends: a variant trains on the noise levels they give (other weights from
+/// the same seed and autoencoder), and its scheduler samples with the same ones.
 #[test]
-fn the_flow_shift_reaches_training_and_the_scheduler() {
+fn noise_options_reach_training_and_the_scheduler() {
     let root = tempfile::tempdir().expect("tempdir");
-    let train_flow = |name: &str, flow_shift: f64| {
-        let opts = TrainOptions { flow_shift, ..options(4) };
+    let train = |name: &str, variant: Variant, opts: &TrainOptions| {
         let dir = root.path().join(name);
-        prepare(&dir, Variant::Flow, &opts);
-        train::train_denoiser(&dir, Variant::Flow, &opts, &mut |_, _, _, _| {}).expect("train");
+        prepare(&dir, variant, opts);
+        train::train_denoiser(&dir, variant, opts, &mut |_, _, _, _| {}).expect("train");
         dir
     };
-    let (plain, shifted) = (train_flow("plain", 1.0), train_flow("shifted", 3.0));
-    let shift = |dir: &Path| {
+    let stated = |dir: &Path, key: &str| {
         let text = std::fs::read_to_string(dir.join("scheduler/scheduler_config.json")).expect("scheduler config");
-        serde_json::from_str::<serde_json::Value>(&text).expect("json")["shift"].as_f64().expect("shift")
+        serde_json::from_str::<serde_json::Value>(&text).expect("json")[key].as_f64().expect(key)
     };
-    assert_eq!((shift(&plain), shift(&shifted)), (1.0, 3.0));
-    assert!(weights(&plain)[0] == weights(&shifted)[0], "the autoencoder does not depend on the shift");
-    assert!(weights(&plain)[1] == weights(&shifted)[1], "nor does the text encoder");
-    assert!(weights(&plain)[2] != weights(&shifted)[2], "the U-Net trained on the same noise levels");
-    Pipeline::load(&shifted, &DeviceSpec::Cpu).expect("a shifted model loads");
+    let base = options(4);
+    let cases = [
+        (Variant::Flow, "shift", TrainOptions { flow_shift: 3.0, ..base.clone() }),
+        (Variant::Diffusion, "beta_end", TrainOptions { beta_end: 0.03, ..base.clone() }),
+    ];
+    for (variant, key, changed_opts) in cases {
+        let option = |o: &TrainOptions| if variant == Variant::Flow { o.flow_shift } else { o.beta_end };
+        let plain = train(&format!("{key}-plain"), variant, &base);
+        let changed = train(&format!("{key}-changed"), variant, &changed_opts);
+        assert_eq!((stated(&plain, key), stated(&changed, key)), (option(&base), option(&changed_opts)));
+        assert!(weights(&plain)[0] == weights(&changed)[0], "the autoencoder does not depend on {key}");
+        assert!(weights(&plain)[1] == weights(&changed)[1], "nor does the text encoder");
+        assert!(weights(&plain)[2] != weights(&changed)[2], "the U-Net trained on the same noise levels ({key})");
+        Pipeline::load(&changed, &DeviceSpec::Cpu).expect("a model with other noise loads");
+    }
 }
 
 /// Untrained, the text encoder reads hardly any prompt right; trained, it reads held-out prompts (ones it

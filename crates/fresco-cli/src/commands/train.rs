@@ -52,6 +52,10 @@ pub struct Args {
     /// FLUX shift theirs; its scheduler samples with the same shift (1: none).
     #[arg(long, default_value_t = TrainOptions::default().flow_shift)]
     flow_shift: f64,
+    /// The diffusion variant's last beta (scaled-linear from 0.00085, as Stable Diffusion's); its
+    /// scheduler samples with the same betas.
+    #[arg(long, default_value_t = TrainOptions::default().beta_end)]
+    beta_end: f64,
     #[arg(long, default_value_t = TrainOptions::default().denoiser.steps)]
     steps: usize,
     #[arg(long, default_value_t = TrainOptions::default().denoiser.batch)]
@@ -146,6 +150,7 @@ fn run_on_pool(args: Args) -> anyhow::Result<()> {
         pool: args.pool,
         latent_noise: args.latent_noise,
         flow_shift: args.flow_shift,
+        beta_end: args.beta_end,
         device: args.device.clone(),
         ..defaults
     };
@@ -162,6 +167,11 @@ fn run_on_pool(args: Args) -> anyhow::Result<()> {
     );
     anyhow::ensure!(opts.latent_noise.is_finite() && opts.latent_noise >= 0.0, "--latent-noise must be zero or positive");
     anyhow::ensure!(opts.flow_shift.is_finite() && opts.flow_shift > 0.0, "--flow-shift must be positive");
+    anyhow::ensure!(
+        opts.beta_end.is_finite() && opts.beta_end > fresco_tiny::arch::BETA_START && opts.beta_end < 1.0,
+        "--beta-end must lie between {} and 1",
+        fresco_tiny::arch::BETA_START
+    );
     let variants: Vec<Variant> = match args.variant {
         Which::Both => vec![Variant::Diffusion, Variant::Flow],
         Which::Diffusion => vec![Variant::Diffusion],
@@ -332,6 +342,7 @@ fn child_args(args: &Args, part: Part, vae_dir: &Path) -> Vec<OsString> {
             flag("vae-from", args.out.join(v.folder()).into());
             flag("text-from", args.out.join(v.folder()).into());
             flag("flow-shift", args.flow_shift.to_string().into());
+            flag("beta-end", args.beta_end.to_string().into());
         }
         Part::Decoder => {
             flag("decoder-of", vae_dir.into());
@@ -401,7 +412,7 @@ mod tests {
     #[test]
     fn child_processes_get_the_parents_settings() {
         let line = "train --out /tmp/m --seed 7 --tokenizer /tmp/tok --steps 9 --batch 3 --lr 0.002 --pool 5 \
-                    --decoder-steps 11 --decoder-batch 4 --latent-noise 0.25 --flow-shift 2.5 --vae-channels 8,8,16,16 --latent-channels 4 --unet-channels 16,32 --test-arch";
+                    --decoder-steps 11 --decoder-batch 4 --latent-noise 0.25 --flow-shift 2.5 --beta-end 0.03 --vae-channels 8,8,16,16 --latent-channels 4 --unet-channels 16,32 --test-arch";
         let parent = parse(line.split(' ').map(OsString::from));
         let vae = Path::new("/tmp/m/.vae/vae");
         let same = |c: &Args| {
@@ -418,7 +429,7 @@ mod tests {
             flow.variant == Which::Flow
                 && flow.vae_from.as_deref() == Some(Path::new("/tmp/m/fresco-tiny-flow"))
                 && flow.text_from.as_deref() == Some(Path::new("/tmp/m/fresco-tiny-flow"))
-                && flow.flow_shift == 2.5
+                && (flow.flow_shift, flow.beta_end) == (2.5, 0.03)
                 && flow.decoder_of.is_none()
         );
         let decoder = parse(child_args(&parent, Part::Decoder, vae));
