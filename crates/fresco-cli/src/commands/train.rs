@@ -52,8 +52,8 @@ pub struct Args {
     /// FLUX shift theirs; its scheduler samples with the same shift (1: none).
     #[arg(long, default_value_t = TrainOptions::default().flow_shift)]
     flow_shift: f64,
-    /// The diffusion variant's last beta (scaled-linear from 0.00085, as Stable Diffusion's); its
-    /// scheduler samples with the same betas.
+    /// The diffusion variant's last beta (scaled-linear from 0.00085, as Stable Diffusion's, which end at
+    /// 0.012); its scheduler samples with the same betas.
     #[arg(long, default_value_t = TrainOptions::default().beta_end)]
     beta_end: f64,
     #[arg(long, default_value_t = TrainOptions::default().denoiser.steps)]
