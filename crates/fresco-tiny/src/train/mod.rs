@@ -71,7 +71,8 @@ pub struct TrainOptions {
     /// The diffusion variant's last beta (scaled-linear from [`arch::BETA_START`]); its scheduler config
     /// states the same. The default, 0.010, puts more of the training at the middle noise levels where
     /// shapes and counts are drawn than Stable Diffusion's 0.012 does: 62.0% → 66.6% of one-object prompts
-    /// right at full length, where 0.02 and 0.03 gave 52% and 49% (models/README.md).
+    /// right at full length, where 0.02 and 0.03 gave 52% and 49%, and 0.008 and 0.006 64% and 58%
+    /// (models/README.md).
     pub beta_end: f64,
     pub device: DeviceSpec,
 }
