@@ -3,6 +3,8 @@
 
 use serde_json::{json, Value};
 
+use crate::error::{Result, TinyError};
+
 /// The two training objectives over the same network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Variant {
@@ -78,6 +80,44 @@ impl Arch {
             unet_head_dim: 8,
             unet_groups: 4,
         }
+    }
+
+    /// Checks that the sizes make a network the pipeline can build, naming the field at fault.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &'static str, problem: String| Err(TinyError::Option { field, problem });
+        for (field, widths, groups) in
+            [("arch.vae_channels", &self.vae_channels, self.vae_groups), ("arch.unet_channels", &self.unet_channels, self.unet_groups)]
+        {
+            if widths.is_empty() || groups == 0 || widths.iter().any(|&w| w == 0 || w % groups != 0) {
+                return bad(
+                    field,
+                    format!("{widths:?} given; every width must be a positive multiple of {groups} (the group-norm groups)"),
+                );
+            }
+        }
+        // The pipeline's autoencoder factor is 2^(blocks − 1), and fresco-tiny's is 8.
+        if self.vae_channels.len() != 4 {
+            return bad(
+                "arch.vae_channels",
+                format!("{} blocks given; fresco-tiny's autoencoder has 4 (8× downsampling)", self.vae_channels.len()),
+            );
+        }
+        if self.unet_head_dim == 0 || self.unet_channels.iter().any(|w| w % self.unet_head_dim != 0) {
+            return bad(
+                "arch.unet_channels",
+                format!("{:?} given; every width must be a multiple of the attention head size {}", self.unet_channels, self.unet_head_dim),
+            );
+        }
+        if self.latent_channels == 0 {
+            return bad("arch.latent_channels", "must be positive".into());
+        }
+        if self.text_heads == 0 || self.text_hidden % self.text_heads != 0 {
+            return bad(
+                "arch.text_hidden",
+                format!("{} given; must be a multiple of the {} attention heads", self.text_hidden, self.text_heads),
+            );
+        }
+        Ok(())
     }
 
     pub fn vae_config(&self, scaling_factor: f64) -> Value {

@@ -10,6 +10,10 @@ pub enum TinyError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Invalid(String),
+    /// A training option out of its range, named by its field in `TrainOptions` (`denoiser.batch`,
+    /// `beta_end`, `arch.unet_channels`…) so that a front end can name its own flag for it.
+    #[error("{field}: {problem}")]
+    Option { field: &'static str, problem: String },
 }
 
 impl TinyError {

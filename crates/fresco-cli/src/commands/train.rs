@@ -103,8 +103,9 @@ fn recipe(variant: Variant) -> (usize, f64) {
     }
 }
 
-/// The architecture to train: the shipped one or the test miniature, with any sizes the flags override.
-fn arch(args: &Args) -> anyhow::Result<Arch> {
+/// The architecture to train: the shipped one or the test miniature, with any sizes the flags override
+/// (checked with the other options, by [`TrainOptions::validate`]).
+fn arch(args: &Args) -> Arch {
     let mut arch = if args.test_arch { Arch::test() } else { Arch::default() };
     if let Some(c) = &args.vae_channels {
         arch.vae_channels = c.clone();
@@ -115,34 +116,35 @@ fn arch(args: &Args) -> anyhow::Result<Arch> {
     if let Some(c) = &args.unet_channels {
         arch.unet_channels = c.clone();
     }
-    for (flag, widths, groups) in
-        [("--vae-channels", &arch.vae_channels, arch.vae_groups), ("--unet-channels", &arch.unet_channels, arch.unet_groups)]
-    {
-        anyhow::ensure!(
-            !widths.is_empty() && widths.iter().all(|&w| w > 0 && w % groups == 0),
-            "{flag}: every width must be a positive multiple of {groups} (the group-norm groups)"
-        );
-    }
-    anyhow::ensure!(
-        arch.unet_channels.iter().all(|w| w % arch.unet_head_dim == 0),
-        "--unet-channels: every width must be a multiple of the attention head size {}",
-        arch.unet_head_dim
-    );
-    // The pipeline's 8× autoencoder factor is 2^(blocks − 1).
-    anyhow::ensure!(arch.vae_channels.len() == 4, "--vae-channels: fresco-tiny's autoencoder has 4 blocks (8× downsampling)");
-    anyhow::ensure!(arch.latent_channels > 0, "--latent-channels must be positive");
-    Ok(arch)
+    arch
+}
+
+/// The flag that sets a [`TrainOptions`] field, for errors in the terms the user typed: the field's path
+/// in kebab case, the denoiser's schedule and the architecture unprefixed (`denoiser.batch` is
+/// `--batch`, `arch.unet_channels` `--unet-channels`).
+fn flag_of(field: &str) -> String {
+    let name = field.strip_prefix("denoiser.").or_else(|| field.strip_prefix("arch.")).unwrap_or(field);
+    format!("--{}", name.replace(['.', '_'], "-"))
+}
+
+/// [`TrainOptions::validate`], with the offending field named by its flag.
+fn validate(opts: &TrainOptions) -> anyhow::Result<()> {
+    opts.validate().map_err(|e| match e {
+        fresco_tiny::TinyError::Option { field, problem } => anyhow::anyhow!("{}: {problem}", flag_of(field)),
+        other => other.into(),
+    })
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     fresco_pipeline::on_compute_pool(|| run_on_pool(args))
 }
 
-fn run_on_pool(args: Args) -> anyhow::Result<()> {
+/// The library's options as the flags set them.
+fn options(args: &Args) -> TrainOptions {
     let defaults = TrainOptions::default();
-    let opts = TrainOptions {
+    TrainOptions {
         seed: args.seed,
-        arch: arch(&args)?,
+        arch: arch(args),
         vae: Schedule { steps: args.vae_steps, batch: args.vae_batch, lr: args.vae_lr },
         text: Schedule { steps: args.text_steps, batch: args.text_batch, ..defaults.text },
         decoder: Schedule { steps: args.decoder_steps, batch: args.decoder_batch, ..defaults.decoder },
@@ -153,25 +155,14 @@ fn run_on_pool(args: Args) -> anyhow::Result<()> {
         beta_end: args.beta_end,
         device: args.device.clone(),
         ..defaults
-    };
-    anyhow::ensure!(
-        opts.vae.batch > 0 && opts.text.batch > 0 && opts.decoder.batch > 0 && opts.denoiser.batch > 0 && opts.pool > 0,
-        "--vae-batch, --text-batch, --decoder-batch, --batch and --pool must be positive"
-    );
-    // Checked here as well as in the training itself, so that a bad value fails before the autoencoder's
-    // minutes of training, not after.
-    anyhow::ensure!(
-        opts.denoiser.steps >= train::MIN_DENOISER_STEPS,
-        "--steps must be at least {} (every parameter's gradient is checked on the second step)",
-        train::MIN_DENOISER_STEPS
-    );
-    anyhow::ensure!(opts.latent_noise.is_finite() && opts.latent_noise >= 0.0, "--latent-noise must be zero or positive");
-    anyhow::ensure!(opts.flow_shift.is_finite() && opts.flow_shift > 0.0, "--flow-shift must be positive");
-    anyhow::ensure!(
-        opts.beta_end.is_finite() && opts.beta_end > fresco_tiny::arch::BETA_START && opts.beta_end < 1.0,
-        "--beta-end must lie between {} and 1",
-        fresco_tiny::arch::BETA_START
-    );
+    }
+}
+
+fn run_on_pool(args: Args) -> anyhow::Result<()> {
+    let opts = options(&args);
+    // Checked here as well as in each phase, so that a bad value fails before the autoencoder's minutes of
+    // training, not after.
+    validate(&opts)?;
     let variants: Vec<Variant> = match args.variant {
         Which::Both => vec![Variant::Diffusion, Variant::Flow],
         Which::Diffusion => vec![Variant::Diffusion],
@@ -398,6 +389,34 @@ mod tests {
         match crate::Cli::try_parse_from(std::iter::once(OsString::from("fresco")).chain(args)).expect("parses").command {
             crate::Command::Train(a) => a,
             _ => panic!("not a train command"),
+        }
+    }
+
+    /// Every option the library rejects is reported by the flag that set it, before any training starts.
+    #[test]
+    fn bad_options_are_named_by_their_flags() {
+        assert!(validate(&options(&parse(["train".into()]))).is_ok(), "the defaults are valid");
+        let cases = [
+            ("--vae-batch", "0"),
+            ("--text-batch", "0"),
+            ("--decoder-batch", "0"),
+            ("--batch", "0"),
+            ("--vae-lr", "0"),
+            ("--lr", "NaN"),
+            ("--steps", "1"),
+            ("--pool", "0"),
+            ("--latent-noise", "-0.1"),
+            ("--flow-shift", "0"),
+            ("--beta-end", "1.5"),
+            ("--beta-end", "0.0005"),
+            ("--vae-channels", "16,16,32"),
+            ("--vae-channels", "16,16,31,32"),
+            ("--unet-channels", "24,48"),
+            ("--latent-channels", "0"),
+        ];
+        for (flag, value) in cases {
+            let err = validate(&options(&parse(["train".into(), format!("{flag}={value}").into()]))).expect_err(flag).to_string();
+            assert!(err.starts_with(&format!("{flag}: ")), "{flag} {value}: {err}");
         }
     }
 

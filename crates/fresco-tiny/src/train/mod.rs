@@ -96,6 +96,53 @@ impl Default for TrainOptions {
     }
 }
 
+impl TrainOptions {
+    /// Checks every option of a training run, naming the field at fault. Each phase calls it before it
+    /// trains or writes anything, so a value only a later phase reads fails before the earlier phases'
+    /// minutes of training, not after them.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &'static str, problem: String| Err(TinyError::Option { field, problem });
+        for (field, s) in
+            [("vae.batch", self.vae), ("text.batch", self.text), ("decoder.batch", self.decoder), ("denoiser.batch", self.denoiser)]
+        {
+            if s.batch == 0 {
+                return bad(field, "must be positive".into());
+            }
+        }
+        for (field, s) in [("vae.lr", self.vae), ("text.lr", self.text), ("decoder.lr", self.decoder), ("denoiser.lr", self.denoiser)] {
+            if !(s.lr.is_finite() && s.lr > 0.0) {
+                return bad(field, format!("{} given, must be positive", s.lr));
+            }
+        }
+        if self.denoiser.steps < MIN_DENOISER_STEPS {
+            return bad(
+                "denoiser.steps",
+                format!(
+                    "{} given, at least {MIN_DENOISER_STEPS} needed (every parameter's gradient is checked on the second step)",
+                    self.denoiser.steps
+                ),
+            );
+        }
+        if self.pool == 0 {
+            return bad("pool", "must be positive".into());
+        }
+        if !(0.0..1.0).contains(&self.uncond_fraction) {
+            return bad("uncond_fraction", format!("{} given, must lie in [0, 1)", self.uncond_fraction));
+        }
+        if !(self.latent_noise.is_finite() && self.latent_noise >= 0.0) {
+            return bad("latent_noise", format!("{} given, must be zero or positive", self.latent_noise));
+        }
+        if !(self.flow_shift.is_finite() && self.flow_shift > 0.0) {
+            return bad("flow_shift", format!("{} given, must be positive", self.flow_shift));
+        }
+        // Above 1 a beta would make ᾱ negative; at or below the first beta the schedule would not rise.
+        if !(self.beta_end > arch::BETA_START && self.beta_end < 1.0) {
+            return bad("beta_end", format!("{} given, must lie between {} and 1", self.beta_end, arch::BETA_START));
+        }
+        self.arch.validate()
+    }
+}
+
 /// Called after every optimiser step: phase, step (from 1), steps, loss.
 pub type Progress<'a> = &'a mut dyn FnMut(&str, usize, usize, f32);
 
@@ -329,6 +376,7 @@ fn reconstruction_loss(decoded: &Tensor, target: &Tensor) -> Result<Tensor> {
 
 /// Trains the autoencoder into `dir` (config + weights); returns the latent scaling factor it chose.
 pub fn train_vae(dir: &Path, opts: &TrainOptions, progress: Progress) -> Result<f64> {
+    opts.validate()?;
     let device = opts.device.device()?;
     let config_path = dir.join("config.json");
     write_json(&config_path, &opts.arch.vae_config(1.0))?;
@@ -385,6 +433,7 @@ pub fn train_vae(dir: &Path, opts: &TrainOptions, progress: Progress) -> Result<
 /// this can run beside their training; and the decoder, which has to draw sharp edges and corners out of
 /// an 8×8 latent, is the half that needs the longer training.
 pub fn train_decoder(vae_dir: &Path, opts: &TrainOptions, progress: Progress) -> Result<()> {
+    opts.validate()?;
     let device = opts.device.device()?;
     let encoder = VaeEncoder::load(vae_dir, DType::F32, &device)?;
     let varmap = VarMap::new();
@@ -517,12 +566,7 @@ fn per_sample(values: &[f64], device: &Device) -> Result<Tensor> {
 /// Trains the U-Net of the model folder `dir` (which already holds its configs, tokenizer, trained
 /// autoencoder and trained text encoder) for `variant`.
 pub fn train_denoiser(dir: &Path, variant: Variant, opts: &TrainOptions, progress: Progress) -> Result<()> {
-    if opts.denoiser.steps < MIN_DENOISER_STEPS {
-        return Err(TinyError::Invalid(format!(
-            "denoiser steps: {} given, at least {MIN_DENOISER_STEPS} needed (every parameter's gradient is checked on the second step)",
-            opts.denoiser.steps
-        )));
-    }
+    opts.validate()?;
     let device = opts.device.device()?;
     let tokenizer = PromptTokenizer::clip(&dir.join("tokenizer"))?;
     let vae = VaeEncoder::load(&dir.join("vae"), DType::F32, &device)?;
@@ -701,6 +745,34 @@ mod tests {
         let zeroed = vars.iter().filter(|(n, v)| !n.ends_with("bias") && zero(n) && v.elem_count() > 0).count();
         assert!(branches >= 4 && zeroed == branches, "{zeroed} zeroed weights, {branches} residual branches");
         assert!(!zero("conv_out.weight") && !zero("conv_in.weight"));
+    }
+
+    /// Each phase refuses options out of range, naming the field, before it trains anything; the shipped
+    /// and the test options pass.
+    #[test]
+    fn options_out_of_range_are_named() {
+        let ok = TrainOptions::default();
+        ok.validate().expect("the defaults");
+        TrainOptions { arch: Arch::test(), ..ok.clone() }.validate().expect("the test architecture");
+        let cases: [(&str, TrainOptions); 6] = [
+            ("uncond_fraction", TrainOptions { uncond_fraction: 1.0, ..ok.clone() }),
+            ("text.lr", TrainOptions { text: Schedule { lr: 0.0, ..ok.text }, ..ok.clone() }),
+            ("decoder.lr", TrainOptions { decoder: Schedule { lr: f64::INFINITY, ..ok.decoder }, ..ok.clone() }),
+            ("beta_end", TrainOptions { beta_end: f64::NAN, ..ok.clone() }),
+            ("arch.text_hidden", TrainOptions { arch: Arch { text_hidden: 66, ..Arch::default() }, ..ok.clone() }),
+            ("arch.unet_channels", TrainOptions { arch: Arch { unet_channels: vec![], ..Arch::default() }, ..ok.clone() }),
+        ];
+        for (want, opts) in cases {
+            match opts.validate() {
+                Err(TinyError::Option { field, .. }) => assert_eq!(field, want),
+                other => panic!("{want}: {other:?}"),
+            }
+        }
+        // A phase checks before it writes anything.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bad = TrainOptions { beta_end: 2.0, ..ok };
+        assert!(matches!(train_vae(dir.path(), &bad, &mut |_, _, _, _| {}), Err(TinyError::Option { field: "beta_end", .. })));
+        assert!(std::fs::read_dir(dir.path()).expect("dir").next().is_none());
     }
 
     #[test]

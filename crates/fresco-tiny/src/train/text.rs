@@ -147,6 +147,7 @@ const CHECK_PROMPTS: usize = 512;
 /// tokenizer folder `tokenizer` the models are built on) and `text_encoder/` (config and weights, full
 /// CLIP vocabulary). Returns the fraction of held-out prompts the trained encoder reads completely right.
 pub fn train_text_encoder(dir: &Path, tokenizer: &Path, opts: &TrainOptions, progress: Progress) -> Result<f64> {
+    opts.validate()?;
     let device = opts.device.device()?;
     write_tokenizer(dir, opts, tokenizer)?;
     let tokenizer = PromptTokenizer::clip(&dir.join("tokenizer"))?;
