@@ -8,7 +8,7 @@ use fresco_pipeline::{DeviceSpec, GeneratedImage, Pipeline, Request};
 
 use crate::analyze::{check, ProblemKind, Verdict};
 use crate::error::Result;
-use crate::grammar::{Prompt, Shape};
+use crate::grammar::{Prompt, Shape, Size};
 use crate::render::{sample_scene, Image, SIDE};
 use crate::rng::Rng;
 
@@ -48,6 +48,9 @@ pub struct Adherence {
     /// The same split by the prompt's shape, in [`Shape::ALL`]'s order: tells a model that draws one
     /// shape for every word from one that draws all three a little wrong.
     pub one_by_shape: [f64; 3],
+    /// The same split by the object's size, in [`Size::ALL`]'s order: small shapes are the ones an 8×8
+    /// latent draws worst (models/README.md).
+    pub one_by_size: [f64; 3],
     pub two: f64,
     /// Fraction of adherent images whose objects also have the right size.
     pub sizes: f64,
@@ -63,6 +66,7 @@ impl Adherence {
         Self {
             one: rate(&|p| p.objects.len() == 1),
             one_by_shape: Shape::ALL.map(|s| rate(&|p| p.objects.len() == 1 && p.objects[0].shape == s)),
+            one_by_size: Size::ALL.map(|s| rate(&|p| p.objects.len() == 1 && p.objects[0].size == s)),
             two: rate(&|p| p.objects.len() == 2),
             sizes: fraction(verdicts.iter().filter(|v| v.adherent).map(|v| v.sizes_right)),
             failures: ProblemKind::ALL.map(|k| verdicts.iter().filter(|v| v.problem.as_ref().is_some_and(|p| p.kind == k)).count()),
@@ -126,24 +130,31 @@ pub fn evaluate(model: &Path, opts: &EvalOptions, keep: usize) -> Result<(Vec<Ro
 /// The table as printed and as put in notes.
 pub fn table(rows: &[Row]) -> String {
     let mut s = String::from(
-        "| model | steps | 1 object | (circle / square / triangle) | 2 objects | sizes right | s/image |\n|---|---:|---:|---:|---:|---:|---:|\n",
+        "| model | steps | 1 object | (circle / square / triangle) | (small / default / large) | 2 objects | sizes right | s/image |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         let steps = if r.default_steps { format!("**{}** (default)", r.steps) } else { r.steps.to_string() };
+        let a = &r.adherence;
         s.push_str(&format!(
-            "| {} | {} | {:.1}% | {:.0} / {:.0} / {:.0}% | {:.1}% | {:.1}% | {:.4} |\n",
+            "| {} | {} | {:.1}% | {} | {} | {:.1}% | {:.1}% | {:.4} |\n",
             r.model,
             steps,
-            100.0 * r.adherence.one,
-            100.0 * r.adherence.one_by_shape[0],
-            100.0 * r.adherence.one_by_shape[1],
-            100.0 * r.adherence.one_by_shape[2],
-            100.0 * r.adherence.two,
-            100.0 * r.adherence.sizes,
+            100.0 * a.one,
+            percents(&a.one_by_shape),
+            percents(&a.one_by_size),
+            100.0 * a.two,
+            100.0 * a.sizes,
             r.seconds_per_image
         ));
     }
     s
+}
+
+/// `a / b / c%`, whole percents.
+pub fn percents(fractions: &[f64]) -> String {
+    let parts: Vec<String> = fractions.iter().map(|f| format!("{:.0}", 100.0 * f)).collect();
+    format!("{}%", parts.join(" / "))
 }
 
 /// Why the images of each row failed: counts by the first problem found, out of all its prompts.
@@ -192,12 +203,13 @@ mod tests {
     }
 
     #[test]
-    fn adherence_is_split_by_kind_and_by_shape() {
+    fn adherence_is_split_by_kind_shape_and_size() {
         let object = |count, color, shape| Object { count, size: Size::Default, color, shape, position: None };
         let prompt = |objects| Prompt { objects, background: None };
+        let small_blue_square = Object { size: Size::Small, ..object(Count::A, Color::Blue, Shape::Square) };
         let prompts = [
             prompt(vec![object(Count::A, Color::Red, Shape::Circle)]),
-            prompt(vec![object(Count::A, Color::Blue, Shape::Square)]),
+            prompt(vec![small_blue_square]),
             prompt(vec![object(Count::Two, Color::Green, Shape::Square)]),
             prompt(vec![object(Count::A, Color::Red, Shape::Triangle), object(Count::A, Color::Blue, Shape::Circle)]),
         ];
@@ -209,6 +221,8 @@ mod tests {
         let a = Adherence::of(&prompts, &[verdict(true, true), shape_wrong, verdict(true, false), verdict(true, true)]);
         assert_eq!(a.one, 2.0 / 3.0);
         assert_eq!(a.one_by_shape, [1.0, 0.5, 0.0], "circle 1 of 1, square 1 of 2, no triangle prompt");
+        assert_eq!(a.one_by_size, [0.0, 1.0, 0.0], "small 0 of 1, default 2 of 2, no large prompt");
+        assert_eq!(percents(&a.one_by_size), "0 / 100 / 0%");
         assert_eq!(a.two, 1.0);
         assert_eq!(a.sizes, 2.0 / 3.0);
         assert_eq!(a.failures, [0, 0, 1, 0, 0], "one image failed, on its shape");

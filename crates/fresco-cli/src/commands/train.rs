@@ -306,7 +306,15 @@ fn prepare_model(args: &Args, opts: &TrainOptions, variant: Variant, vae_dir: &P
 /// Prints how much of the scenes' content survives the autoencoder, and writes sample pairs.
 fn report_round_trip(args: &Args, vae_dir: &Path, opts: &TrainOptions) -> anyhow::Result<()> {
     let round_trip = train::reconstruction_adherence(vae_dir, 200, opts.seed, &opts.device).context("checking the autoencoder")?;
-    eprintln!("autoencoder round trip keeps {:.1}% of held-out scenes adherent", 100.0 * round_trip.adherent);
+    let a = &round_trip.adherence;
+    eprintln!(
+        "autoencoder round trip keeps held-out scenes adherent: {:.1}% of one-object ones (circle / square / triangle {}, \
+         small / default / large {}), {:.1}% of two-object ones",
+        100.0 * a.one,
+        fresco_tiny::eval::percents(&a.one_by_shape),
+        fresco_tiny::eval::percents(&a.one_by_size),
+        100.0 * a.two
+    );
     for problem in &round_trip.problems {
         eprintln!("  round trip: {problem}");
     }

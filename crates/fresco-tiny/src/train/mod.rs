@@ -469,23 +469,24 @@ pub fn train_decoder(vae_dir: &Path, opts: &TrainOptions, progress: Progress) ->
 /// How an autoencoder's round trip (encode, take the mean, decode) fares on held-out scenes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoundTrip {
-    /// Fraction of scenes that still pass the adherence check: the ceiling any denoiser trained on
-    /// these latents can reach.
-    pub adherent: f64,
+    /// The scenes that still pass the adherence check, split as `fresco eval` splits generated images:
+    /// the ceiling any denoiser trained on these latents can reach, per kind of prompt.
+    pub adherence: crate::eval::Adherence,
     /// What the analysis found wrong, for the first few failing scenes.
     pub problems: Vec<String>,
     /// The first ten scenes: rendered, then after the round trip.
     pub samples: [Vec<Image>; 2],
 }
 
-/// Runs `n` rendered held-out scenes through the autoencoder in `vae_dir` and checks each result.
+/// Runs `n` rendered held-out scenes (one and two object phrases alternately) through the autoencoder
+/// in `vae_dir` and checks each result.
 pub fn reconstruction_adherence(vae_dir: &Path, n: usize, seed: u64, device: &DeviceSpec) -> Result<RoundTrip> {
     let device = device.device()?;
     let encoder = VaeEncoder::load(vae_dir, DType::F32, &device)?;
     let decoder = VaeDecoder::load(vae_dir, DType::F32, &device)?;
     let mut rng = Rng::new(seed).fork(9);
     let scenes: Vec<_> = (0..n).map(|i| crate::render::sample_scene(&mut rng, 1 + i % 2, true)).collect();
-    let mut ok = 0;
+    let mut verdicts = Vec::with_capacity(n);
     let mut problems = Vec::new();
     let mut samples = [Vec::new(), Vec::new()];
     for chunk in scenes.chunks(32) {
@@ -495,17 +496,18 @@ pub fn reconstruction_adherence(vae_dir: &Path, n: usize, seed: u64, device: &De
         for ((prompt, rendered), img) in chunk.iter().zip(decoded) {
             let img = Image { side: img.width as usize, rgb: img.rgb };
             let verdict = crate::analyze::check(prompt, &img);
-            ok += usize::from(verdict.adherent);
             if samples[0].len() < 10 {
                 samples[0].push(rendered.clone());
                 samples[1].push(img);
             }
-            if let Some(p) = verdict.problem.filter(|_| problems.len() < 8) {
+            if let Some(p) = verdict.problem.as_ref().filter(|_| problems.len() < 8) {
                 problems.push(format!("{}: {p}", prompt.text()));
             }
+            verdicts.push(verdict);
         }
     }
-    Ok(RoundTrip { adherent: ok as f64 / n.max(1) as f64, problems, samples })
+    let prompts: Vec<_> = scenes.into_iter().map(|(p, _)| p).collect();
+    Ok(RoundTrip { adherence: crate::eval::Adherence::of(&prompts, &verdicts), problems, samples })
 }
 
 /// An exponential moving average of a model's weights, which is what gets saved: images from the
