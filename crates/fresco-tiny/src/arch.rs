@@ -88,7 +88,7 @@ impl Arch {
         for (field, widths, groups) in
             [("arch.vae_channels", &self.vae_channels, self.vae_groups), ("arch.unet_channels", &self.unet_channels, self.unet_groups)]
         {
-            if widths.is_empty() || groups == 0 || widths.iter().any(|&w| w == 0 || w % groups != 0) {
+            if widths.is_empty() || groups == 0 || widths.iter().any(|&w| w == 0 || !w.is_multiple_of(groups)) {
                 return bad(
                     field,
                     format!("{widths:?} given; every width must be a positive multiple of {groups} (the group-norm groups)"),
@@ -102,7 +102,7 @@ impl Arch {
                 format!("{} blocks given; fresco-tiny's autoencoder has 4 (8× downsampling)", self.vae_channels.len()),
             );
         }
-        if self.unet_head_dim == 0 || self.unet_channels.iter().any(|w| w % self.unet_head_dim != 0) {
+        if self.unet_head_dim == 0 || self.unet_channels.iter().any(|w| !w.is_multiple_of(self.unet_head_dim)) {
             return bad(
                 "arch.unet_channels",
                 format!("{:?} given; every width must be a multiple of the attention head size {}", self.unet_channels, self.unet_head_dim),
@@ -111,7 +111,7 @@ impl Arch {
         if self.latent_channels == 0 {
             return bad("arch.latent_channels", "must be positive".into());
         }
-        if self.text_heads == 0 || self.text_hidden % self.text_heads != 0 {
+        if self.text_heads == 0 || !self.text_hidden.is_multiple_of(self.text_heads) {
             return bad(
                 "arch.text_hidden",
                 format!("{} given; must be a multiple of the {} attention heads", self.text_hidden, self.text_heads),
