@@ -84,7 +84,7 @@ impl Arch {
 
     /// Checks that the sizes make a network the pipeline can build, naming the field at fault.
     pub fn validate(&self) -> Result<()> {
-        let bad = |field: &'static str, problem: String| Err(TinyError::Option { field, problem });
+        let bad = |field, problem: String| Err(TinyError::option(field, problem));
         for (field, widths, groups) in
             [("arch.vae_channels", &self.vae_channels, self.vae_groups), ("arch.unet_channels", &self.unet_channels, self.unet_groups)]
         {

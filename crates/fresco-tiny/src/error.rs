@@ -20,6 +20,10 @@ impl TinyError {
     pub fn io(path: &std::path::Path, source: std::io::Error) -> Self {
         Self::Io { path: path.to_path_buf(), source }
     }
+
+    pub fn option(field: &'static str, problem: impl Into<String>) -> Self {
+        Self::Option { field, problem: problem.into() }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, TinyError>;

@@ -101,17 +101,18 @@ impl TrainOptions {
     /// trains or writes anything, so a value only a later phase reads fails before the earlier phases'
     /// minutes of training, not after them.
     pub fn validate(&self) -> Result<()> {
-        let bad = |field: &'static str, problem: String| Err(TinyError::Option { field, problem });
-        for (field, s) in
-            [("vae.batch", self.vae), ("text.batch", self.text), ("decoder.batch", self.decoder), ("denoiser.batch", self.denoiser)]
-        {
+        let bad = |field, problem: String| Err(TinyError::option(field, problem));
+        for (batch, lr, s) in [
+            ("vae.batch", "vae.lr", self.vae),
+            ("text.batch", "text.lr", self.text),
+            ("decoder.batch", "decoder.lr", self.decoder),
+            ("denoiser.batch", "denoiser.lr", self.denoiser),
+        ] {
             if s.batch == 0 {
-                return bad(field, "must be positive".into());
+                return bad(batch, "must be positive".into());
             }
-        }
-        for (field, s) in [("vae.lr", self.vae), ("text.lr", self.text), ("decoder.lr", self.decoder), ("denoiser.lr", self.denoiser)] {
             if !(s.lr.is_finite() && s.lr > 0.0) {
-                return bad(field, format!("{} given, must be positive", s.lr));
+                return bad(lr, format!("{} given, must be positive", s.lr));
             }
         }
         if self.denoiser.steps < MIN_DENOISER_STEPS {
