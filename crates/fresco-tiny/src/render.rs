@@ -51,6 +51,35 @@ impl Placed {
         }
     }
 
+    /// The pixels of the shape's bounding box, clipped to the canvas: x0, x1, y0, y1, inclusive.
+    fn pixels(&self) -> (usize, usize, usize, usize) {
+        let x0 = (self.cx - self.half).floor().max(0.0) as usize;
+        let x1 = ((self.cx + self.half).ceil() as usize).min(SIDE - 1);
+        let y0 = (self.cy - self.half).floor().max(0.0) as usize;
+        let y1 = ((self.cy + self.half).ceil() as usize).min(SIDE - 1);
+        (x0, x1, y0, y1)
+    }
+
+    /// The fraction of pixel (x, y) the shape covers.
+    fn coverage(&self, x: usize, y: usize) -> f64 {
+        let n = SUPERSAMPLE as f64;
+        let mut hits = 0usize;
+        for sy in 0..SUPERSAMPLE {
+            for sx in 0..SUPERSAMPLE {
+                let (px, py) = (x as f64 + (sx as f64 + 0.5) / n, y as f64 + (sy as f64 + 0.5) / n);
+                hits += usize::from(self.contains(px, py));
+            }
+        }
+        hits as f64 / (n * n)
+    }
+
+    /// Its class in [`layout_map`]: 0 is the background, then colour by colour, shape by shape.
+    fn class(&self) -> usize {
+        let color = Color::ALL.iter().position(|&c| c == self.color).unwrap_or(0);
+        let shape = Shape::ALL.iter().position(|&s| s == self.shape).unwrap_or(0);
+        1 + color * Shape::ALL.len() + shape
+    }
+
     fn apart(&self, other: &Placed) -> bool {
         let reach = self.half + other.half + GAP;
         (self.cx - other.cx).abs() >= reach || (self.cy - other.cy).abs() >= reach
@@ -113,23 +142,12 @@ pub fn layout(prompt: &Prompt, rng: &mut Rng) -> Option<Vec<Placed>> {
 /// Paints the shapes over the background, each pixel's colour mixed by the shape's coverage of it.
 pub fn paint(background: [u8; 3], shapes: &[Placed]) -> Image {
     let mut acc: Vec<f64> = (0..SIDE * SIDE).flat_map(|_| background.map(f64::from)).collect();
-    let n = SUPERSAMPLE as f64;
     for s in shapes {
-        let x0 = (s.cx - s.half).floor().max(0.0) as usize;
-        let x1 = ((s.cx + s.half).ceil() as usize).min(SIDE - 1);
-        let y0 = (s.cy - s.half).floor().max(0.0) as usize;
-        let y1 = ((s.cy + s.half).ceil() as usize).min(SIDE - 1);
+        let (x0, x1, y0, y1) = s.pixels();
         let rgb = s.color.rgb().map(f64::from);
         for y in y0..=y1 {
             for x in x0..=x1 {
-                let mut hits = 0usize;
-                for sy in 0..SUPERSAMPLE {
-                    for sx in 0..SUPERSAMPLE {
-                        let (px, py) = (x as f64 + (sx as f64 + 0.5) / n, y as f64 + (sy as f64 + 0.5) / n);
-                        hits += usize::from(s.contains(px, py));
-                    }
-                }
-                let a = hits as f64 / (n * n);
+                let a = s.coverage(x, y);
                 let i = 3 * (y * SIDE + x);
                 for c in 0..3 {
                     acc[i + c] = acc[i + c] * (1.0 - a) + rgb[c] * a;
@@ -140,15 +158,46 @@ pub fn paint(background: [u8; 3], shapes: &[Placed]) -> Image {
     Image { side: SIDE, rgb: acc.iter().map(|v| v.round().clamp(0.0, 255.0) as u8).collect() }
 }
 
-/// A prompt that fits, drawn at random (held-out prompts only when `held_out`), and its image.
-pub fn sample_scene(rng: &mut Rng, objects: usize, held_out: bool) -> (Prompt, Image) {
+/// Classes of [`layout_map`]: the background, then every colour–shape pair.
+pub const LAYOUT_CLASSES: usize = 1 + Color::ALL.len() * Shape::ALL.len();
+
+/// What covers each cell of the canvas divided into `grid` × `grid` cells (`grid` divides [`SIDE`]):
+/// per cell, row by row, the fraction of its area each of the [`LAYOUT_CLASSES`] covers, summing to 1.
+/// The scene's layout as a denoiser should know it (`train::layout`).
+pub fn layout_map(shapes: &[Placed], grid: usize) -> Vec<f32> {
+    let cell = SIDE / grid;
+    let area = (cell * cell) as f64;
+    let mut map = vec![0f64; grid * grid * LAYOUT_CLASSES];
+    for s in shapes {
+        let (x0, x1, y0, y1) = s.pixels();
+        for y in y0..=y1 {
+            for x in x0..=x1 {
+                map[((y / cell) * grid + x / cell) * LAYOUT_CLASSES + s.class()] += s.coverage(x, y) / area;
+            }
+        }
+    }
+    // Shapes never overlap, so what they leave of a cell is background.
+    for c in map.chunks_mut(LAYOUT_CLASSES) {
+        c[0] = (1.0 - c[1..].iter().sum::<f64>()).max(0.0);
+    }
+    map.into_iter().map(|v| v as f32).collect()
+}
+
+/// A prompt that fits, drawn at random (held-out prompts only when `held_out`), and its shapes as laid out.
+pub fn sample_layout(rng: &mut Rng, objects: usize, held_out: bool) -> (Prompt, Vec<Placed>) {
     loop {
         let prompt = Prompt::sample_split(rng, objects, held_out);
         if let Some(shapes) = layout(&prompt, rng) {
-            let image = paint(prompt.background_rgb(), &shapes);
-            return (prompt, image);
+            return (prompt, shapes);
         }
     }
+}
+
+/// A prompt that fits, drawn at random (held-out prompts only when `held_out`), and its image.
+pub fn sample_scene(rng: &mut Rng, objects: usize, held_out: bool) -> (Prompt, Image) {
+    let (prompt, shapes) = sample_layout(rng, objects, held_out);
+    let image = paint(prompt.background_rgb(), &shapes);
+    (prompt, image)
 }
 
 #[cfg(test)]
@@ -184,5 +233,27 @@ mod tests {
         assert_eq!(img.pixel(2, 2), [128, 128, 128]);
         // The left edge at x = 24.5 covers half of pixel 24.
         assert_eq!(img.pixel(24, 32), [174, 84, 84]);
+    }
+
+    /// Each cell's fractions sum to one, and a shape's class holds exactly its painted area.
+    #[test]
+    fn the_layout_map_accounts_for_every_pixel() {
+        let square = Placed { color: Color::Blue, shape: Shape::Square, cx: 16.0, cy: 40.0, half: 8.0 };
+        let circle = Placed { color: Color::Red, shape: Shape::Circle, cx: 48.5, cy: 12.5, half: 6.0 };
+        let map = layout_map(&[square, circle], 8);
+        assert_eq!(map.len(), 64 * LAYOUT_CLASSES);
+        for cell in map.chunks(LAYOUT_CLASSES) {
+            assert!((cell.iter().sum::<f32>() - 1.0).abs() < 1e-5, "{cell:?}");
+        }
+        // The 16×16 square covers cells 1..=2 by 4..=5 whole: four cells of 64 pixels each.
+        let blue_square = square.class();
+        let area: f32 = map.chunks(LAYOUT_CLASSES).map(|c| c[blue_square]).sum::<f32>() * 64.0;
+        assert!((area - 256.0).abs() < 1e-3, "{area}");
+        assert_eq!(map[(4 * 8 + 1) * LAYOUT_CLASSES + blue_square], 1.0);
+        let red_circle = circle.class();
+        let area: f32 = map.chunks(LAYOUT_CLASSES).map(|c| c[red_circle]).sum::<f32>() * 64.0;
+        assert!((area - std::f32::consts::PI * 36.0).abs() < 2.0, "{area}");
+        assert_ne!(blue_square, red_circle);
+        assert!(map.chunks(LAYOUT_CLASSES).all(|c| c[1..].iter().filter(|&&v| v > 0.0).count() <= 1));
     }
 }

@@ -56,6 +56,10 @@ pub struct Args {
     /// 0.012); its scheduler samples with the same betas.
     #[arg(long, default_value_t = TrainOptions::default().beta_end)]
     beta_end: f64,
+    /// Weight of the denoisers' auxiliary loss: predicting the clean scene's layout from the U-Net's mid
+    /// block, through a head that is not saved (0: denoising alone).
+    #[arg(long, default_value_t = TrainOptions::default().layout_weight)]
+    layout_weight: f64,
     #[arg(long, default_value_t = TrainOptions::default().denoiser.steps)]
     steps: usize,
     #[arg(long, default_value_t = TrainOptions::default().denoiser.batch)]
@@ -153,6 +157,7 @@ fn options(args: &Args) -> TrainOptions {
         latent_noise: args.latent_noise,
         flow_shift: args.flow_shift,
         beta_end: args.beta_end,
+        layout_weight: args.layout_weight,
         device: args.device.clone(),
         ..defaults
     }
@@ -342,6 +347,7 @@ fn child_args(args: &Args, part: Part, vae_dir: &Path) -> Vec<OsString> {
             flag("text-from", args.out.join(v.folder()).into());
             flag("flow-shift", args.flow_shift.to_string().into());
             flag("beta-end", args.beta_end.to_string().into());
+            flag("layout-weight", args.layout_weight.to_string().into());
         }
         Part::Decoder => {
             flag("decoder-of", vae_dir.into());
@@ -417,6 +423,7 @@ mod tests {
             ("--flow-shift", "0"),
             ("--beta-end", "1.5"),
             ("--beta-end", "0.0005"),
+            ("--layout-weight", "-1"),
             ("--vae-channels", "16,16,32"),
             ("--vae-channels", "16,16,31,32"),
             ("--unet-channels", "24,48"),
@@ -439,7 +446,7 @@ mod tests {
     #[test]
     fn child_processes_get_the_parents_settings() {
         let line = "train --out /tmp/m --seed 7 --tokenizer /tmp/tok --steps 9 --batch 3 --lr 0.002 --pool 5 \
-                    --decoder-steps 11 --decoder-batch 4 --latent-noise 0.25 --flow-shift 2.5 --beta-end 0.03 --vae-channels 8,8,16,16 --latent-channels 4 --unet-channels 16,32 --test-arch";
+                    --decoder-steps 11 --decoder-batch 4 --latent-noise 0.25 --flow-shift 2.5 --beta-end 0.03 --layout-weight 0.2 --vae-channels 8,8,16,16 --latent-channels 4 --unet-channels 16,32 --test-arch";
         let parent = parse(line.split(' ').map(OsString::from));
         let vae = Path::new("/tmp/m/.vae/vae");
         let same = |c: &Args| {
@@ -456,7 +463,7 @@ mod tests {
             flow.variant == Which::Flow
                 && flow.vae_from.as_deref() == Some(Path::new("/tmp/m/fresco-tiny-flow"))
                 && flow.text_from.as_deref() == Some(Path::new("/tmp/m/fresco-tiny-flow"))
-                && (flow.flow_shift, flow.beta_end) == (2.5, 0.03)
+                && (flow.flow_shift, flow.beta_end, flow.layout_weight) == (2.5, 0.03, 0.2)
                 && flow.decoder_of.is_none()
         );
         let decoder = parse(child_args(&parent, Part::Decoder, vae));

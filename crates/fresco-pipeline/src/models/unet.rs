@@ -398,6 +398,18 @@ impl UNet {
 
     /// One denoiser evaluation with a timestep per sample (`[B]`, f32), as training draws them.
     pub fn forward_t(&self, sample: &Tensor, t: &Tensor, context: &Tensor, extra: Option<TextTimeCond>) -> candle_core::Result<Tensor> {
+        Ok(self.forward_features(sample, t, context, extra)?.0)
+    }
+
+    /// [`Self::forward_t`], also returning the mid block's output (`[B, C, h, w]` at the coarsest level):
+    /// training can ask the network's bottleneck for more than the denoising target alone.
+    pub fn forward_features(
+        &self,
+        sample: &Tensor,
+        t: &Tensor,
+        context: &Tensor,
+        extra: Option<TextTimeCond>,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let cfg = &self.config;
         let b = sample.dim(0)?;
         let t_emb = timestep_embedding(t, cfg.block_out[0], cfg.flip_sin_to_cos, cfg.freq_shift)?.to_dtype(sample.dtype())?;
@@ -428,6 +440,7 @@ impl UNet {
         x = self.mid.resnets[0].forward(&x, Some(&emb))?;
         x = self.mid.attention.forward(&x, context)?;
         x = self.mid.resnets[1].forward(&x, Some(&emb))?;
+        let mid = x.clone();
 
         for block in &self.up {
             for (j, r) in block.resnets.iter().enumerate() {
@@ -444,6 +457,6 @@ impl UNet {
             }
         }
         let x = self.norm_out.forward_silu(&x)?;
-        self.conv_out.forward(&x)
+        Ok((self.conv_out.forward(&x)?, mid))
     }
 }
