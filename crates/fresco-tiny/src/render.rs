@@ -161,18 +161,23 @@ pub fn paint(background: [u8; 3], shapes: &[Placed]) -> Image {
 /// Classes of [`layout_map`]: the background, then every colour–shape pair.
 pub const LAYOUT_CLASSES: usize = 1 + Color::ALL.len() * Shape::ALL.len();
 
-/// What covers each cell of the canvas divided into `grid` × `grid` cells (`grid` divides [`SIDE`]):
+/// What covers each cell of the canvas divided into `grid` × `grid` cells (of [`SIDE`] / `grid` pixels):
 /// per cell, row by row, the fraction of its area each of the [`LAYOUT_CLASSES`] covers, summing to 1.
 /// The scene's layout as a denoiser should know it (`train::layout`).
 pub fn layout_map(shapes: &[Placed], grid: usize) -> Vec<f32> {
-    let cell = SIDE / grid;
+    if grid == 0 {
+        return Vec::new();
+    }
+    let cell = SIDE / grid.min(SIDE);
     let area = (cell * cell) as f64;
     let mut map = vec![0f64; grid * grid * LAYOUT_CLASSES];
+    // A grid that does not divide the canvas folds its last pixels into the last cells.
+    let at = |p: usize| (p / cell).min(grid - 1);
     for s in shapes {
         let (x0, x1, y0, y1) = s.pixels();
         for y in y0..=y1 {
             for x in x0..=x1 {
-                map[((y / cell) * grid + x / cell) * LAYOUT_CLASSES + s.class()] += s.coverage(x, y) / area;
+                map[(at(y) * grid + at(x)) * LAYOUT_CLASSES + s.class()] += s.coverage(x, y) / area;
             }
         }
     }
@@ -255,5 +260,8 @@ mod tests {
         assert!((area - std::f32::consts::PI * 36.0).abs() < 2.0, "{area}");
         assert_ne!(blue_square, red_circle);
         assert!(map.chunks(LAYOUT_CLASSES).all(|c| c[1..].iter().filter(|&&v| v > 0.0).count() <= 1));
+        // Grids that do not divide the canvas are answered, not a panic.
+        assert_eq!(layout_map(&[square, circle], 7).len(), 49 * LAYOUT_CLASSES);
+        assert!(layout_map(&[square], 0).is_empty());
     }
 }
