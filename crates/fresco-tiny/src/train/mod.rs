@@ -77,7 +77,8 @@ pub struct TrainOptions {
     pub beta_end: f64,
     /// Weight of the denoisers' auxiliary layout loss ([`layout`]), or 0 to train on denoising alone.
     /// The default, 0.25, gave fresco-tiny 66.6% → 73.6% of one-object and 18.2% → 34.2% of two-object
-    /// prompts right at full length, fresco-tiny-flow 61.2% → 64.0% and 20.0% → 27.8% (models/README.md).
+    /// prompts right at full length, fresco-tiny-flow 61.2% → 64.0% and 20.0% → 27.8%; a weight of 1 gave
+    /// fresco-tiny 71.4% and 27.0% (models/README.md).
     pub layout_weight: f64,
     pub device: DeviceSpec,
 }
