@@ -60,6 +60,9 @@ pub struct Args {
     /// block, through a head that is not saved (0: denoising alone).
     #[arg(long, default_value_t = TrainOptions::default().layout_weight)]
     layout_weight: f64,
+    /// Sub-cells a side the layout loss maps each latent cell as (1, 2, 4 or 8).
+    #[arg(long, default_value_t = TrainOptions::default().layout_subcells)]
+    layout_subcells: usize,
     #[arg(long, default_value_t = TrainOptions::default().denoiser.steps)]
     steps: usize,
     #[arg(long, default_value_t = TrainOptions::default().denoiser.batch)]
@@ -158,6 +161,7 @@ fn options(args: &Args) -> TrainOptions {
         flow_shift: args.flow_shift,
         beta_end: args.beta_end,
         layout_weight: args.layout_weight,
+        layout_subcells: args.layout_subcells,
         device: args.device.clone(),
         ..defaults
     }
@@ -348,6 +352,7 @@ fn child_args(args: &Args, part: Part, vae_dir: &Path) -> Vec<OsString> {
             flag("flow-shift", args.flow_shift.to_string().into());
             flag("beta-end", args.beta_end.to_string().into());
             flag("layout-weight", args.layout_weight.to_string().into());
+            flag("layout-subcells", args.layout_subcells.to_string().into());
         }
         Part::Decoder => {
             flag("decoder-of", vae_dir.into());
@@ -424,6 +429,8 @@ mod tests {
             ("--beta-end", "1.5"),
             ("--beta-end", "0.0005"),
             ("--layout-weight", "-1"),
+            ("--layout-subcells", "3"),
+            ("--layout-subcells", "16"),
             ("--vae-channels", "16,16,32"),
             ("--vae-channels", "16,16,31,32"),
             ("--unet-channels", "24,48"),
@@ -446,7 +453,7 @@ mod tests {
     #[test]
     fn child_processes_get_the_parents_settings() {
         let line = "train --out /tmp/m --seed 7 --tokenizer /tmp/tok --steps 9 --batch 3 --lr 0.002 --pool 5 \
-                    --decoder-steps 11 --decoder-batch 4 --latent-noise 0.25 --flow-shift 2.5 --beta-end 0.03 --layout-weight 0.2 --vae-channels 8,8,16,16 --latent-channels 4 --unet-channels 16,32 --test-arch";
+                    --decoder-steps 11 --decoder-batch 4 --latent-noise 0.25 --flow-shift 2.5 --beta-end 0.03 --layout-weight 0.2 --layout-subcells 2 --vae-channels 8,8,16,16 --latent-channels 4 --unet-channels 16,32 --test-arch";
         let parent = parse(line.split(' ').map(OsString::from));
         let vae = Path::new("/tmp/m/.vae/vae");
         let same = |c: &Args| {
@@ -463,7 +470,7 @@ mod tests {
             flow.variant == Which::Flow
                 && flow.vae_from.as_deref() == Some(Path::new("/tmp/m/fresco-tiny-flow"))
                 && flow.text_from.as_deref() == Some(Path::new("/tmp/m/fresco-tiny-flow"))
-                && (flow.flow_shift, flow.beta_end, flow.layout_weight) == (2.5, 0.03, 0.2)
+                && (flow.flow_shift, flow.beta_end, flow.layout_weight, flow.layout_subcells) == (2.5, 0.03, 0.2, 2)
                 && flow.decoder_of.is_none()
         );
         let decoder = parse(child_args(&parent, Part::Decoder, vae));

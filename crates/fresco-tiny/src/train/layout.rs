@@ -1,5 +1,5 @@
 //! An auxiliary training objective for the denoisers: from the U-Net's mid block, predict the clean
-//! scene's layout — which colour–shape class covers how much of each latent cell.
+//! scene's layout — which colour–shape class covers how much of each latent cell, or of finer sub-cells.
 //!
 //! Representation alignment (REPA, Yu et al. 2024) trains a diffusion transformer several times faster by
 //! asking one of its hidden layers, through a small head dropped afterwards, to match a pretrained image
@@ -23,8 +23,8 @@ pub(super) struct LayoutHead {
 }
 
 impl LayoutHead {
-    /// A head on a mid block of `channels` whose every cell spans `sub` × `sub` latent cells (2 to the
-    /// U-Net's levels less one).
+    /// A head on a mid block of `channels` whose every cell spans `sub` × `sub` cells of the layout map
+    /// (2 to the U-Net's levels less one, times the map's sub-cells per latent cell).
     pub fn new(channels: usize, sub: usize, vb: VarBuilder) -> Result<Self> {
         let width = 2 * channels;
         Ok(Self {
@@ -49,8 +49,8 @@ impl LayoutHead {
     }
 }
 
-/// Reorders a `layout_map` of the latent grid (`side` × `side` cells, row by row) into the order
-/// [`LayoutHead`] predicts it: mid-block cell by cell, and within each its `sub` × `sub` latent cells.
+/// Reorders a `layout_map` (`side` × `side` cells, row by row) into the order [`LayoutHead`] predicts
+/// it: mid-block cell by cell, and within each its `sub` × `sub` map cells.
 pub(super) fn head_order(map: &[f32], side: usize, sub: usize) -> Vec<f32> {
     let coarse = side / sub;
     let mut out = Vec::with_capacity(map.len());

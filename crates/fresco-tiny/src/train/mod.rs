@@ -80,6 +80,9 @@ pub struct TrainOptions {
     /// prompts right at full length, fresco-tiny-flow 61.2% → 64.0% and 20.0% → 27.8%; a weight of 1 gave
     /// fresco-tiny 71.4% and 27.0% (models/README.md).
     pub layout_weight: f64,
+    /// The layout loss maps each latent cell as this many sub-cells a side (1, 2, 4 or 8: a latent cell is
+    /// 8 pixels wide), so that it can tell a small square's corners from a small circle's rim.
+    pub layout_subcells: usize,
     pub device: DeviceSpec,
 }
 
@@ -98,6 +101,7 @@ impl Default for TrainOptions {
             flow_shift: 2.0,
             beta_end: 0.010,
             layout_weight: 0.25,
+            layout_subcells: 1,
             device: DeviceSpec::Cpu,
         }
     }
@@ -149,6 +153,12 @@ impl TrainOptions {
         }
         if !(self.layout_weight.is_finite() && self.layout_weight >= 0.0) {
             return bad("layout_weight", format!("{} given, must be zero or positive", self.layout_weight));
+        }
+        if !(self.layout_subcells.is_power_of_two() && self.layout_subcells <= 8) {
+            return bad(
+                "layout_subcells",
+                format!("{} given, must be 1, 2, 4 or 8 (a latent cell is 8 pixels wide)", self.layout_subcells),
+            );
         }
         self.arch.validate()
     }
@@ -598,14 +608,15 @@ pub fn train_denoiser(dir: &Path, variant: Variant, opts: &TrainOptions, progres
     let mut prompts = Vec::with_capacity(opts.pool);
     let mut latents = Vec::with_capacity(opts.pool);
     let mut layouts = Vec::new();
-    // Each U-Net level but the last halves the latent grid on the way to the mid block.
-    let sub = 1 << opts.arch.unet_channels.len().saturating_sub(1);
+    // Each U-Net level but the last halves the latent grid on the way to the mid block, and each latent
+    // cell is mapped as `layout_subcells`² cells.
+    let sub = (1 << opts.arch.unet_channels.len().saturating_sub(1)) * opts.layout_subcells;
     while prompts.len() < opts.pool {
         let scenes = training_layouts(&mut data, 32.min(opts.pool - prompts.len()));
         let images: Vec<Image> = scenes.iter().map(|(p, shapes)| paint(p.background_rgb(), shapes)).collect();
         let (mean, _) = vae.encode(&images_tensor(&images, &device)?)?;
         let scaled = vae.scale(&mean)?;
-        let side = scaled.dim(3)?;
+        let side = scaled.dim(3)? * opts.layout_subcells;
         for (i, (p, shapes)) in scenes.iter().enumerate() {
             latents.push(scaled.get(i)?);
             if opts.layout_weight > 0.0 {
