@@ -77,11 +77,13 @@ pub struct TrainOptions {
     pub beta_end: f64,
     /// Weight of the denoisers' auxiliary layout loss ([`layout`]), or 0 to train on denoising alone.
     /// The default, 0.25, gave fresco-tiny 66.6% → 73.6% of one-object and 18.2% → 34.2% of two-object
-    /// prompts right at full length, fresco-tiny-flow 61.2% → 64.0% and 20.0% → 27.8%; a weight of 1 gave
-    /// fresco-tiny 71.4% and 27.0% (models/README.md).
+    /// prompts right at full length, fresco-tiny-flow 61.2% → 64.0% and 20.0% → 27.8%; weights of 0.1 and 1
+    /// gave fresco-tiny 73.2% / 27.4% and 71.4% / 27.0% (models/README.md).
     pub layout_weight: f64,
     /// The layout loss maps each latent cell as this many sub-cells a side (1, 2, 4 or 8: a latent cell is
-    /// 8 pixels wide), so that it can tell a small square's corners from a small circle's rim.
+    /// 8 pixels wide), fine enough to tell a small square's corners from a small circle's rim. 2 and 4
+    /// gave fresco-tiny 74.0% / 37.0% and 72.0% / 35.6%, within the spread of 1's 73.6% / 34.2%
+    /// (models/README.md), so 1 stays.
     pub layout_subcells: usize,
     pub device: DeviceSpec,
 }
