@@ -75,9 +75,7 @@ impl Placed {
 
     /// Its class in [`layout_map`]: 0 is the background, then colour by colour, shape by shape.
     fn class(&self) -> usize {
-        let color = Color::ALL.iter().position(|&c| c == self.color).unwrap_or(0);
-        let shape = Shape::ALL.iter().position(|&s| s == self.shape).unwrap_or(0);
-        1 + color * Shape::ALL.len() + shape
+        1 + self.color as usize * Shape::ALL.len() + self.shape as usize
     }
 
     fn apart(&self, other: &Placed) -> bool {
@@ -158,6 +156,11 @@ pub fn paint(background: [u8; 3], shapes: &[Placed]) -> Image {
     Image { side: SIDE, rgb: acc.iter().map(|v| v.round().clamp(0.0, 255.0) as u8).collect() }
 }
 
+/// The scene a prompt describes, its shapes as laid out painted over its background.
+pub fn paint_scene(prompt: &Prompt, shapes: &[Placed]) -> Image {
+    paint(prompt.background_rgb(), shapes)
+}
+
 /// Classes of [`layout_map`]: the background, then every colour–shape pair.
 pub const LAYOUT_CLASSES: usize = 1 + Color::ALL.len() * Shape::ALL.len();
 
@@ -201,7 +204,7 @@ pub fn sample_layout(rng: &mut Rng, objects: usize, held_out: bool) -> (Prompt, 
 /// A prompt that fits, drawn at random (held-out prompts only when `held_out`), and its image.
 pub fn sample_scene(rng: &mut Rng, objects: usize, held_out: bool) -> (Prompt, Image) {
     let (prompt, shapes) = sample_layout(rng, objects, held_out);
-    let image = paint(prompt.background_rgb(), &shapes);
+    let image = paint_scene(&prompt, &shapes);
     (prompt, image)
 }
 

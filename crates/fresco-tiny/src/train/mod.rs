@@ -21,7 +21,7 @@ use fresco_pipeline::DeviceSpec;
 
 use crate::arch::{self, Arch, Variant};
 use crate::error::{Result, TinyError};
-use crate::render::{layout_map, paint, sample_layout, Image, Placed};
+use crate::render::{layout_map, paint_scene, sample_layout, Image, Placed};
 use crate::rng::Rng;
 
 mod layout;
@@ -343,9 +343,9 @@ fn training_layouts(rng: &mut Rng, n: usize) -> Vec<(crate::grammar::Prompt, Vec
         .collect()
 }
 
-/// [`training_layouts`] as prompt texts and painted images.
-fn training_scenes(rng: &mut Rng, n: usize) -> (Vec<String>, Vec<Image>) {
-    training_layouts(rng, n).into_iter().map(|(p, shapes)| (p.text(), paint(p.background_rgb(), &shapes))).unzip()
+/// [`training_layouts`] painted.
+fn training_images(rng: &mut Rng, n: usize) -> Vec<Image> {
+    training_layouts(rng, n).iter().map(|(p, shapes)| paint_scene(p, shapes)).collect()
 }
 
 fn adamw(vars: Vec<Var>, lr: f64) -> Result<AdamW> {
@@ -427,7 +427,7 @@ pub fn train_vae(dir: &Path, opts: &TrainOptions, progress: Progress) -> Result<
     let mut opt = adamw(varmap.all_vars(), s.lr)?;
     for step in 0..s.steps {
         opt.set_learning_rate(s.lr_at(step));
-        let (_, images) = training_scenes(&mut data, s.batch);
+        let images = training_images(&mut data, s.batch);
         // A convolutional autoencoder learns as well from quarter crops (aligned to the latent grid) at a
         // quarter of the cost.
         let crops = images.iter().map(|img| crop(img, 8 * data.below(5), 8 * data.below(5), VAE_CROP)).collect::<Vec<_>>();
@@ -446,7 +446,7 @@ pub fn train_vae(dir: &Path, opts: &TrainOptions, progress: Progress) -> Result<
         progress("vae", step + 1, s.steps, loss.to_scalar::<f32>()?);
     }
     // Scale latents to unit variance, as SD's 0.18215 does for its autoencoder.
-    let (_, images) = training_scenes(&mut data, 64);
+    let images = training_images(&mut data, 64);
     let (mean, _) = encoder.encode(&images_tensor(&images, &device)?)?;
     let std = mean.flatten_all()?.var(0)?.sqrt()?.to_scalar::<f32>()? as f64;
     let scaling = if std.is_finite() && std > 1e-6 { 1.0 / std } else { 1.0 };
@@ -477,7 +477,7 @@ pub fn train_decoder(vae_dir: &Path, opts: &TrainOptions, progress: Progress) ->
     let mut opt = adamw(varmap.all_vars(), s.lr)?;
     for step in 0..s.steps {
         opt.set_learning_rate(s.lr_at(step));
-        let (_, images) = training_scenes(&mut data, s.batch);
+        let images = training_images(&mut data, s.batch);
         let x = images_tensor(&images, &device)?;
         let (mean, logvar) = encoder.encode(&x)?;
         // The decoder reads scaled latents, as the denoisers produce them.
@@ -615,7 +615,7 @@ pub fn train_denoiser(dir: &Path, variant: Variant, opts: &TrainOptions, progres
     let sub = (1 << opts.arch.unet_channels.len().saturating_sub(1)) * opts.layout_subcells;
     while prompts.len() < opts.pool {
         let scenes = training_layouts(&mut data, 32.min(opts.pool - prompts.len()));
-        let images: Vec<Image> = scenes.iter().map(|(p, shapes)| paint(p.background_rgb(), shapes)).collect();
+        let images: Vec<Image> = scenes.iter().map(|(p, shapes)| paint_scene(p, shapes)).collect();
         let (mean, _) = vae.encode(&images_tensor(&images, &device)?)?;
         let scaled = vae.scale(&mean)?;
         let side = scaled.dim(3)? * opts.layout_subcells;
