@@ -160,6 +160,20 @@ pub struct Request {
     pub scheduler: Option<String>,
     /// Initial noise `[B, C, H/8, W/8]` used instead of the seeds' noise (diffusers' `latents=`).
     pub latents: Option<Tensor>,
+    /// Image-to-image: start from these latents instead of from pure noise.
+    pub init: Option<InitLatents>,
+}
+
+/// Where an image-to-image generation starts (diffusers' img2img `image` and `strength`).
+#[derive(Debug, Clone)]
+pub struct InitLatents {
+    /// Clean latents `[B, C, H/8, W/8]`, scaled as the denoiser's (the autoencoder's scaling applied).
+    pub latents: Tensor,
+    /// Share of the schedule to run, in (0, 1]: the latents are noised (with the seeds' or the request's
+    /// noise) to the level of the last `round(strength × steps)` steps' first, and sampled from there. 1
+    /// starts from the top of the schedule, as generation from noise does, but keeps the latents' signal
+    /// where the schedule's first level keeps any.
+    pub strength: f64,
 }
 
 impl Request {
@@ -175,6 +189,7 @@ impl Request {
             height: None,
             scheduler: None,
             latents: None,
+            init: None,
         }
     }
 }
@@ -433,14 +448,30 @@ impl Pipeline {
                 },
             ));
         }
+        let vf = self.vae.config.scale_factor();
+        let want = (b, self.latent_channels(), height / vf, width / vf);
         if let Some(l) = &req.latents {
-            let vf = self.vae.config.scale_factor();
-            let want = (b, self.latent_channels(), height / vf, width / vf);
             if l.dims4().ok() != Some(want) {
                 return Err(PipelineError::param("latents", format!("expected shape {want:?}, got {:?}", l.dims())));
             }
         }
-        Ok(Resolved { steps, guidance, width, height, scheduler })
+        let start = match &req.init {
+            None => 0,
+            Some(init) => {
+                if init.latents.dims4().ok() != Some(want) {
+                    return Err(PipelineError::param("init.latents", format!("expected shape {want:?}, got {:?}", init.latents.dims())));
+                }
+                let run = (init.strength * steps as f64).round();
+                if !(init.strength > 0.0 && init.strength <= 1.0) || run < 1.0 {
+                    return Err(PipelineError::param(
+                        "init.strength",
+                        format!("must be in (0, 1] and leave at least one of the {steps} steps to run, got {}", init.strength),
+                    ));
+                }
+                steps - run as usize
+            }
+        };
+        Ok(Resolved { steps, start, guidance, width, height, scheduler })
     }
 
     /// Generates one image per prompt as a single batched forward per step.
@@ -462,12 +493,27 @@ impl Pipeline {
         on_compute_pool(|| self.generate_on_pool(req, should_stop))
     }
 
+    /// The latents sampling ends at, before the autoencoder decodes them (scaled, as the denoiser works
+    /// on them).
+    pub fn denoise(&self, req: &Request) -> Result<Tensor> {
+        on_compute_pool(|| self.denoise_on_pool(req, &|| false, &mut StageTimings::default()))
+    }
+
     fn generate_on_pool(&self, req: &Request, should_stop: &(dyn Fn() -> bool + Sync)) -> Result<(Vec<GeneratedImage>, StageTimings)> {
+        let mut timings = StageTimings::default();
+        let latents = self.denoise_on_pool(req, should_stop, &mut timings)?;
+        let t2 = Instant::now();
+        let decoded = self.vae.decode(&latents)?;
+        let images = GeneratedImage::from_decoded(&decoded)?;
+        timings.decode = t2.elapsed();
+        Ok((images, timings))
+    }
+
+    fn denoise_on_pool(&self, req: &Request, should_stop: &(dyn Fn() -> bool + Sync), timings: &mut StageTimings) -> Result<Tensor> {
         let r = self.resolve(req)?;
         let b = req.prompts.len();
         // FLUX's guidance is an embedding (dev) or nothing (schnell), never classifier-free guidance.
         let cfg = r.guidance > 1.0 && self.family != Family::Flux;
-        let mut timings = StageTimings::default();
 
         let t0 = Instant::now();
         let cond = self.encode(&req.prompts)?;
@@ -505,9 +551,12 @@ impl Pipeline {
             Some(l) => l.to_device(&self.device)?.to_dtype(self.dtype)?,
             None => noise.next(&[shape.0, shape.1, shape.2, shape.3], &self.device)?.to_dtype(self.dtype)?,
         };
-        let mut latents = (initial * scheduler.init_noise_sigma())?;
+        let mut latents = match &req.init {
+            Some(init) => scheduler.add_noise(&init.latents.to_device(&self.device)?.to_dtype(self.dtype)?, &initial, r.start)?,
+            None => (initial * scheduler.init_noise_sigma())?,
+        };
         let timesteps = scheduler.timesteps().to_vec();
-        for (i, t) in timesteps.iter().enumerate() {
+        for (i, t) in timesteps.iter().enumerate().skip(r.start) {
             if should_stop() {
                 return Err(PipelineError::Cancelled);
             }
@@ -540,16 +589,11 @@ impl Pipeline {
             };
             latents = scheduler.step(&guided, i, &latents, &mut noise)?;
         }
-        timings.steps = timesteps.len();
+        timings.steps = timesteps.len() - r.start;
         // GPU kernels run asynchronously: wait for them so the stage timings measure the work, not its launch.
         self.device.synchronize()?;
         timings.denoise = t1.elapsed();
-
-        let t2 = Instant::now();
-        let decoded = self.vae.decode(&latents)?;
-        let images = GeneratedImage::from_decoded(&decoded)?;
-        timings.decode = t2.elapsed();
-        Ok((images, timings))
+        Ok(latents)
     }
 
     fn encode(&self, prompts: &[String]) -> Result<Encoded> {
@@ -668,6 +712,8 @@ struct Encoded {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Resolved {
     pub steps: usize,
+    /// The schedule step sampling starts at: 0, or later for image-to-image ([`InitLatents`]).
+    pub start: usize,
     pub guidance: f64,
     pub width: usize,
     pub height: usize,

@@ -252,3 +252,35 @@ fn model_defaults_and_flow_unets() {
     std::fs::write(sd3.join("scheduler/scheduler_config.json"), r#"{"_class_name": "DDIMScheduler"}"#).unwrap();
     assert!(load_err(&sd3).contains("scheduler_config.json"));
 }
+
+/// Image-to-image runs the last `strength` of the schedule from the latents it is given; a strength or a
+/// shape it cannot use is named.
+#[test]
+fn image_to_image_runs_the_schedule_from_the_given_latents() {
+    use candle_core::{Device, Tensor};
+    use fresco_pipeline::InitLatents;
+    for model in ["tiny-sd15", "tiny-sd3"] {
+        let pipe = Pipeline::load(&fixture(model), &DeviceSpec::Cpu).unwrap();
+        let base = request(&["a red circle"], &[3]);
+        let dims = pipe.denoise(&base).unwrap().dims().to_vec();
+        let from = |latents: Tensor, strength: f64| Request { init: Some(InitLatents { latents, strength }), ..base.clone() };
+        let a = Tensor::ones(dims.as_slice(), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let b = a.affine(-1.0, 0.0).unwrap();
+        // PNDM (tiny-sd15's scheduler) evaluates one step more than asked, as diffusers' does.
+        let run = |strength| pipe.generate_timed(&from(a.clone(), strength)).unwrap().1.steps;
+        assert_eq!(run(1.0) - run(0.5), 2, "{model}: half of 4 steps skipped");
+        let out = |r: &Request| pipe.denoise(r).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(out(&from(a.clone(), 0.5)), out(&from(a.clone(), 0.5)), "{model}: not reproducible");
+        assert_ne!(out(&from(a.clone(), 0.5)), out(&from(b, 0.5)), "{model}: the initial latents do not matter");
+        assert_ne!(out(&from(a.clone(), 0.5)), out(&base), "{model}: the same as generating from noise");
+        let field = |r: Request| match pipe.generate(&r) {
+            Err(PipelineError::InvalidParam { field, .. }) => field,
+            other => panic!("{model}: expected a parameter error, got {other:?}"),
+        };
+        assert_eq!(field(from(a.clone(), 0.0)), "init.strength");
+        assert_eq!(field(from(a.clone(), 1.5)), "init.strength");
+        // A tenth of 4 steps rounds to none.
+        assert_eq!(field(from(a.clone(), 0.1)), "init.strength");
+        assert_eq!(field(from(a.narrow(1, 0, 1).unwrap(), 0.5)), "init.latents");
+    }
+}

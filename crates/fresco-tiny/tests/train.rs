@@ -123,6 +123,20 @@ fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
     out
 }
 
+/// The same tensors, the encoder's unchanged (so the latents the U-Nets learnt stay valid), the decoder's
+/// trained.
+fn assert_only_the_decoder_changed(before: &[(String, Vec<u8>)], after: &[(String, Vec<u8>)]) {
+    assert_eq!(before.iter().map(|t| &t.0).collect::<Vec<_>>(), after.iter().map(|t| &t.0).collect::<Vec<_>>(), "same tensors");
+    for ((name, a), (_, b)) in before.iter().zip(after) {
+        let encoder_side = name.starts_with("encoder.") || name.starts_with("quant_conv.");
+        if encoder_side {
+            assert!(a == b, "{name} changed");
+        }
+    }
+    let changed = |prefix: &str| before.iter().zip(after).any(|((n, a), (_, b))| n.starts_with(prefix) && a != b);
+    assert!(changed("decoder.") && changed("post_quant_conv."), "the decoder was not trained");
+}
+
 #[test]
 fn decoder_training_leaves_the_encoder_and_so_the_latents_alone() {
     let root = tempfile::tempdir().expect("tempdir");
@@ -140,19 +154,47 @@ fn decoder_training_leaves_the_encoder_and_so_the_latents_alone() {
     })
     .expect("decoder");
     assert_eq!(steps, 3);
-    let after = tensors(&file);
-    assert_eq!(before.iter().map(|t| &t.0).collect::<Vec<_>>(), after.iter().map(|t| &t.0).collect::<Vec<_>>(), "same tensors");
-    for ((name, a), (_, b)) in before.iter().zip(&after) {
-        let encoder_side = name.starts_with("encoder.") || name.starts_with("quant_conv.");
-        if encoder_side {
-            assert!(a == b, "{name} changed");
-        }
-    }
-    let changed = |prefix: &str| before.iter().zip(&after).any(|((n, a), (_, b))| n.starts_with(prefix) && a != b);
-    assert!(changed("decoder.") && changed("post_quant_conv."), "the decoder was not trained");
+    assert_only_the_decoder_changed(&before, &tensors(&file));
     // What the round trip reads back is still a whole autoencoder.
     let rt = train::reconstruction_adherence(&vae, 4, 1, &DeviceSpec::Cpu).expect("round trip");
     assert_eq!(rt.samples.iter().map(Vec::len).collect::<Vec<_>>(), [4, 4]);
+}
+
+/// Tuning a finished model's decoder on its own samples: the model samples the pool, then only the
+/// decoder trains, and the folder still samples through the pipeline. The strength reaches the sampling.
+#[test]
+fn decoder_tuning_on_the_models_samples_trains_the_decoder_alone() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let models = train_all(root.path(), 5);
+    for dir in &models {
+        let file = dir.join("vae/diffusion_pytorch_model.safetensors");
+        let before = tensors(&file);
+        let mut tuned = Vec::new();
+        for (i, strength) in [0.34, 1.0].into_iter().enumerate() {
+            let copy = root.path().join(format!("tuned-{i}"));
+            for part in ["scheduler", "text_encoder", "tokenizer", "unet", "vae"] {
+                copy_files(&dir.join(part), &copy.join(part));
+            }
+            std::fs::copy(dir.join("model_index.json"), copy.join("model_index.json")).expect("model index");
+            let opts =
+                TrainOptions { tune: Schedule { steps: 3, batch: 2, lr: 1e-2 }, tune_pool: 4, tune_strength: strength, ..options(5) };
+            let mut phases = Vec::new();
+            train::tune_decoder(&copy, &opts, &mut |phase, step, _, loss| {
+                assert!(loss.is_finite());
+                phases.push((phase.to_string(), step));
+            })
+            .expect("tune");
+            assert_eq!(phases.last(), Some(&("tune".to_string(), 3)), "{phases:?}");
+            assert!(phases.iter().any(|(p, n)| p == "sample" && *n == 4), "{phases:?}");
+            let after = tensors(&copy.join("vae/diffusion_pytorch_model.safetensors"));
+            assert_only_the_decoder_changed(&before, &after);
+            let pipeline = Pipeline::load(&copy, &DeviceSpec::Cpu).expect("load");
+            assert_eq!(pipeline.generate(&Request::new(vec!["a red circle".into()], vec![1])).expect("generate").len(), 1);
+            tuned.push(after);
+            std::fs::remove_dir_all(&copy).expect("clean up");
+        }
+        assert!(tuned[0] != tuned[1], "{}: the strength does not reach the sampling", dir.display());
+    }
 }
 
 /// The noise options reach both ends: a variant trains on the noise levels they give (other weights from

@@ -93,6 +93,21 @@ pub struct Args {
     /// Child process: only train the decoder of this autoencoder folder further.
     #[arg(long, hide = true)]
     decoder_of: Option<PathBuf>,
+    /// Only tune the decoder of this finished model folder on its own denoiser's samples (in place).
+    #[arg(long)]
+    tune_decoder_of: Option<PathBuf>,
+    /// Steps of that tuning.
+    #[arg(long, default_value_t = TrainOptions::default().tune.steps)]
+    tune_steps: usize,
+    /// Training scenes the model samples once for it.
+    #[arg(long, default_value_t = TrainOptions::default().tune_pool)]
+    tune_pool: usize,
+    /// The largest share of the model's schedule a tuning sample runs, from the scene's latents noised to
+    /// its level (image-to-image strength).
+    #[arg(long, default_value_t = TrainOptions::default().tune_strength)]
+    tune_strength: f64,
+    #[arg(long, default_value_t = TrainOptions::default().tune.lr)]
+    tune_lr: f64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -156,6 +171,9 @@ fn options(args: &Args) -> TrainOptions {
         text: Schedule { steps: args.text_steps, batch: args.text_batch, ..defaults.text },
         decoder: Schedule { steps: args.decoder_steps, batch: args.decoder_batch, ..defaults.decoder },
         denoiser: Schedule { steps: args.steps, batch: args.batch, lr: args.lr },
+        tune: Schedule { steps: args.tune_steps, lr: args.tune_lr, ..defaults.tune },
+        tune_pool: args.tune_pool,
+        tune_strength: args.tune_strength,
         pool: args.pool,
         latent_noise: args.latent_noise,
         flow_shift: args.flow_shift,
@@ -194,6 +212,9 @@ fn run_on_pool(args: Args) -> anyhow::Result<()> {
     if let Some(vae_dir) = &args.decoder_of {
         return train::train_decoder(vae_dir, &opts, &mut progress).context("training the decoder");
     }
+    if let Some(dir) = &args.tune_decoder_of {
+        return train::tune_decoder(dir, &opts, &mut progress).with_context(|| format!("tuning the decoder of {}", dir.display()));
+    }
     // `--vae-from` names a model folder; a freshly trained autoencoder goes into one of its own.
     let (vae_dir, fresh) = match &args.vae_from {
         Some(dir) => (dir.join("vae"), false),
@@ -215,43 +236,13 @@ fn run_on_pool(args: Args) -> anyhow::Result<()> {
         }
     };
     let decoder = fresh && opts.decoder.steps > 0;
-    // candle's CPU kernels gain little from a second thread at these sizes (one thread even ran a step
-    // faster than two), so on the CPU the parts train side by side, one process and thread each.
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let parts: Vec<Part> = variants.iter().map(|&v| Part::Denoiser(v)).chain(decoder.then_some(Part::Decoder)).collect();
     // Each denoiser gets its model folder with the autoencoder as it is now (its encoder is final); the
     // decoder's training rewrites only the shared copy, which the folders receive at the end.
     for &variant in &variants {
         prepare_model(&args, &opts, variant, &vae_dir, &text_dir)?;
     }
-    if parts.len() > 1 && args.device == DeviceSpec::Cpu && cores > 1 {
-        let threads = (cores / parts.len()).max(1).to_string();
-        let exe = std::env::current_exe().context("finding the fresco executable")?;
-        let children = parts
-            .iter()
-            .map(|part| {
-                std::process::Command::new(&exe)
-                    .args(child_args(&args, *part, &vae_dir))
-                    .envs(child_env(&threads, std::env::var_os(PURGE_DELAY).is_some()))
-                    .spawn()
-                    .with_context(|| format!("starting the {} training", part.name()))
-                    .map(|child| (part, child))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        for (part, mut child) in children {
-            let status = child.wait().with_context(|| format!("waiting for the {} training", part.name()))?;
-            anyhow::ensure!(status.success(), "training the {} failed ({status})", part.name());
-        }
-    } else {
-        if decoder {
-            train::train_decoder(&vae_dir, &opts, &mut progress).context("training the decoder")?;
-        }
-        for &variant in &variants {
-            let dir = args.out.join(variant.folder());
-            train::train_denoiser(&dir, variant, &opts, &mut progress).with_context(|| format!("training {}", dir.display()))?;
-            eprintln!("{} written ({:.0} s so far)", dir.display(), started.elapsed().as_secs_f64());
-        }
-    }
+    run_parts(&args, &opts, &parts, &vae_dir, &mut progress)?;
     if !args.no_round_trip {
         report_round_trip(&args, &vae_dir, &opts)?;
     }
@@ -266,6 +257,53 @@ fn run_on_pool(args: Args) -> anyhow::Result<()> {
         }
         let dir = args.out.join(".vae");
         std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    // Last, each model's decoder learns its own U-Net's drawing: it needs both finished.
+    if opts.tune.steps > 0 {
+        let tunes: Vec<Part> = variants.iter().map(|&v| Part::Tune(v)).collect();
+        run_parts(&args, &opts, &tunes, &vae_dir, &mut progress)?;
+    }
+    eprintln!("done in {:.0} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Trains `parts` of the run: on a multi-core CPU side by side, one process and thread each (candle's CPU
+/// kernels gain little from a second thread at these sizes; one thread even ran a step faster than two),
+/// otherwise one after another in this process.
+fn run_parts(args: &Args, opts: &TrainOptions, parts: &[Part], vae_dir: &Path, progress: train::Progress) -> anyhow::Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    if parts.len() > 1 && args.device == DeviceSpec::Cpu && cores > 1 {
+        let threads = (cores / parts.len()).max(1).to_string();
+        let exe = std::env::current_exe().context("finding the fresco executable")?;
+        let children = parts
+            .iter()
+            .map(|part| {
+                std::process::Command::new(&exe)
+                    .args(child_args(args, *part, vae_dir))
+                    .envs(child_env(&threads, std::env::var_os(PURGE_DELAY).is_some()))
+                    .spawn()
+                    .with_context(|| format!("starting the {} training", part.name()))
+                    .map(|child| (part, child))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        for (part, mut child) in children {
+            let status = child.wait().with_context(|| format!("waiting for the {} training", part.name()))?;
+            anyhow::ensure!(status.success(), "training the {} failed ({status})", part.name());
+        }
+        return Ok(());
+    }
+    for part in parts {
+        match *part {
+            Part::Decoder => train::train_decoder(vae_dir, opts, progress).context("training the decoder")?,
+            Part::Denoiser(variant) => {
+                let dir = args.out.join(variant.folder());
+                train::train_denoiser(&dir, variant, opts, progress).with_context(|| format!("training {}", dir.display()))?;
+            }
+            Part::Tune(variant) => {
+                let dir = args.out.join(variant.folder());
+                train::tune_decoder(&dir, opts, progress).with_context(|| format!("tuning the decoder of {}", dir.display()))?;
+            }
+        }
     }
     Ok(())
 }
@@ -292,6 +330,8 @@ fn child_env(threads: &str, caller_set_purge: bool) -> Vec<(&'static str, String
 enum Part {
     Denoiser(Variant),
     Decoder,
+    /// The variant's decoder, on its own samples.
+    Tune(Variant),
 }
 
 impl Part {
@@ -299,6 +339,10 @@ impl Part {
         match self {
             Self::Denoiser(v) => v.name(),
             Self::Decoder => "decoder",
+            Self::Tune(v) => match v {
+                Variant::Diffusion => "diffusion decoder's tuning",
+                Variant::Flow => "flow decoder's tuning",
+            },
         }
     }
 }
@@ -359,6 +403,13 @@ fn child_args(args: &Args, part: Part, vae_dir: &Path) -> Vec<OsString> {
             flag("decoder-steps", args.decoder_steps.to_string().into());
             flag("decoder-batch", args.decoder_batch.to_string().into());
             flag("latent-noise", args.latent_noise.to_string().into());
+        }
+        Part::Tune(v) => {
+            flag("tune-decoder-of", args.out.join(v.folder()).into());
+            flag("tune-steps", args.tune_steps.to_string().into());
+            flag("tune-pool", args.tune_pool.to_string().into());
+            flag("tune-strength", args.tune_strength.to_string().into());
+            flag("tune-lr", args.tune_lr.to_string().into());
         }
     }
     flag("out", args.out.clone().into());
@@ -424,6 +475,9 @@ mod tests {
             ("--lr", "NaN"),
             ("--steps", "1"),
             ("--pool", "0"),
+            ("--tune-pool", "0"),
+            ("--tune-strength", "0"),
+            ("--tune-strength", "1.5"),
             ("--latent-noise", "-0.1"),
             ("--flow-shift", "0"),
             ("--beta-end", "1.5"),
@@ -453,7 +507,7 @@ mod tests {
     #[test]
     fn child_processes_get_the_parents_settings() {
         let line = "train --out /tmp/m --seed 7 --tokenizer /tmp/tok --steps 9 --batch 3 --lr 0.002 --pool 5 \
-                    --decoder-steps 11 --decoder-batch 4 --latent-noise 0.25 --flow-shift 2.5 --beta-end 0.03 --layout-weight 0.2 --layout-subcells 2 --vae-channels 8,8,16,16 --latent-channels 4 --unet-channels 16,32 --test-arch";
+                    --decoder-steps 11 --decoder-batch 4 --latent-noise 0.25 --tune-steps 12 --tune-pool 6 --tune-strength 0.5 --tune-lr 0.003 --flow-shift 2.5 --beta-end 0.03 --layout-weight 0.2 --layout-subcells 2 --vae-channels 8,8,16,16 --latent-channels 4 --unet-channels 16,32 --test-arch";
         let parent = parse(line.split(' ').map(OsString::from));
         let vae = Path::new("/tmp/m/.vae/vae");
         let same = |c: &Args| {
@@ -478,6 +532,13 @@ mod tests {
         assert!(
             decoder.decoder_of.as_deref() == Some(vae)
                 && (decoder.decoder_steps, decoder.decoder_batch, decoder.latent_noise) == (11, 4, 0.25)
+        );
+        let tune = parse(child_args(&parent, Part::Tune(Variant::Diffusion), vae));
+        assert!(same(&tune));
+        assert!(
+            tune.tune_decoder_of.as_deref() == Some(Path::new("/tmp/m/fresco-tiny"))
+                && (tune.tune_steps, tune.tune_pool, tune.tune_strength, tune.tune_lr) == (12, 6, 0.5, 0.003)
+                && tune.decoder_of.is_none()
         );
     }
 }

@@ -83,6 +83,11 @@ impl Scheduler for DpmSolverPp2m {
         &self.timesteps
     }
 
+    fn add_noise(&self, clean: &Tensor, noise: &Tensor, step: usize) -> candle_core::Result<Tensor> {
+        let (alpha, sigma) = alpha_sigma(self.sigmas[step]);
+        axpby(alpha, clean, sigma, noise)
+    }
+
     fn init_noise_sigma(&self) -> f64 {
         1.0
     }

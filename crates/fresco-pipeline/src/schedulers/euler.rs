@@ -65,6 +65,11 @@ impl Scheduler for Euler {
         &self.timesteps
     }
 
+    /// In σ-space the sample is the clean latent plus σ times the noise.
+    fn add_noise(&self, clean: &Tensor, noise: &Tensor, step: usize) -> candle_core::Result<Tensor> {
+        axpby(1.0, clean, self.sigmas[step], noise)
+    }
+
     fn init_noise_sigma(&self) -> f64 {
         self.init_sigma
     }

@@ -86,6 +86,12 @@ impl Scheduler for FlowEuler {
         &self.timesteps
     }
 
+    /// The straight line from data to noise: `(1 − σ)·clean + σ·noise`.
+    fn add_noise(&self, clean: &Tensor, noise: &Tensor, step: usize) -> candle_core::Result<Tensor> {
+        let sigma = self.sigmas[step];
+        axpby(1.0 - sigma, clean, sigma, noise)
+    }
+
     fn init_noise_sigma(&self) -> f64 {
         1.0
     }

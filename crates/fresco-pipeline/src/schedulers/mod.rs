@@ -30,6 +30,9 @@ pub trait Scheduler: Send {
     fn scale_model_input(&self, sample: Tensor, _step: usize) -> candle_core::Result<Tensor> {
         Ok(sample)
     }
+    /// `clean` latents noised by `noise` to the level the schedule starts step `step` from (diffusers'
+    /// `add_noise` at `timesteps[step]`): where image-to-image enters the schedule.
+    fn add_noise(&self, clean: &Tensor, noise: &Tensor, step: usize) -> candle_core::Result<Tensor>;
     /// Advances `sample` by one step given the (guided) model output at step `step`.
     fn step(&mut self, model_output: &Tensor, step: usize, sample: &Tensor, noise: &mut NoiseStreams) -> candle_core::Result<Tensor>;
 }
@@ -114,4 +117,38 @@ impl SchedulerKind {
 /// `a * x + b * y` on tensors of one shape.
 pub(crate) fn axpby(a: f64, x: &Tensor, b: f64, y: &Tensor) -> candle_core::Result<Tensor> {
     (x * a)? + (y * b)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use serde_json::json;
+
+    /// Image-to-image enters a schedule where `add_noise` says; a denoiser that knows the noise exactly
+    /// then walks back to the clean latents. A level off by a step, or the wrong parameterisation, ends
+    /// elsewhere.
+    #[test]
+    fn an_exact_denoiser_takes_noised_latents_back_to_the_clean_ones() {
+        let dev = Device::Cpu;
+        let clean = Tensor::new(&[[0.8f32, -1.5], [0.3, 2.0]], &dev).unwrap();
+        let noise = Tensor::new(&[[-0.4f32, 1.1], [0.9, -2.2]], &dev).unwrap();
+        // Without clipping, and ending at ᾱ = 1, DDIM's last step lands on its x0 exactly.
+        let config =
+            Config::from_value(std::path::Path::new("scheduler_config.json"), json!({"set_alpha_to_one": true, "clip_sample": false}));
+        for kind in [SchedulerKind::Ddim, SchedulerKind::Euler, SchedulerKind::DpmPp2m, SchedulerKind::FlowEuler] {
+            for start in [0, 3, 9] {
+                let mut s = kind.build(&config, 10, None).unwrap();
+                let mut sample = s.add_noise(&clean, &noise, start).unwrap();
+                // ε for the diffusion schedulers (epsilon prediction), the velocity noise − data for flow.
+                let out = if kind.is_flow() { (&noise - &clean).unwrap() } else { noise.clone() };
+                let mut streams = NoiseStreams::new(&[0]);
+                for i in start..s.timesteps().len() {
+                    sample = s.step(&out, i, &sample, &mut streams).unwrap();
+                }
+                let err = (&sample - &clean).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(err < 1e-4, "{} from step {start}: {err} from the clean latents", kind.name());
+            }
+        }
+    }
 }

@@ -171,6 +171,10 @@ impl Scheduler for Pndm {
         &self.timesteps
     }
 
+    fn add_noise(&self, clean: &Tensor, noise: &Tensor, step: usize) -> candle_core::Result<Tensor> {
+        self.schedule.add_noise(clean, noise, self.timesteps[step])
+    }
+
     fn init_noise_sigma(&self) -> f64 {
         1.0
     }

@@ -1,6 +1,8 @@
 //! The discrete-time noise schedule shared by the diffusion schedulers (betas → cumulative alphas), and
 //! the timestep spacings of diffusers' `set_timesteps`.
 
+use candle_core::Tensor;
+
 use crate::error::{PipelineError, Result};
 use crate::loader::Config;
 
@@ -126,6 +128,12 @@ impl NoiseSchedule {
                 out
             }
         }
+    }
+
+    /// `√ᾱ·clean + √(1 − ᾱ)·noise` at timestep `t`.
+    pub fn add_noise(&self, clean: &Tensor, noise: &Tensor, t: f64) -> candle_core::Result<Tensor> {
+        let a = self.alpha(t as i64, 1.0);
+        super::axpby(a.sqrt(), clean, (1.0 - a).sqrt(), noise)
     }
 
     pub fn alpha(&self, t: i64, final_alpha: f64) -> f64 {
