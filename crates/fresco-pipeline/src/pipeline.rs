@@ -158,7 +158,8 @@ pub struct Request {
     pub width: Option<usize>,
     pub height: Option<usize>,
     pub scheduler: Option<String>,
-    /// Initial noise `[B, C, H/8, W/8]` used instead of the seeds' noise (diffusers' `latents=`).
+    /// Initial noise `[B, C, H/8, W/8]` used instead of the seeds' noise (diffusers' `latents=`); with
+    /// `init`, the noise added to its latents.
     pub latents: Option<Tensor>,
     /// Image-to-image: start from these latents instead of from pure noise.
     pub init: Option<InitLatents>,
@@ -169,10 +170,9 @@ pub struct Request {
 pub struct InitLatents {
     /// Clean latents `[B, C, H/8, W/8]`, scaled as the denoiser's (the autoencoder's scaling applied).
     pub latents: Tensor,
-    /// Share of the schedule to run, in (0, 1]: the latents are noised (with the seeds' or the request's
-    /// noise) to the level of the last `round(strength × steps)` steps' first, and sampled from there. 1
-    /// starts from the top of the schedule, as generation from noise does, but keeps the latents' signal
-    /// where the schedule's first level keeps any.
+    /// Share of the schedule to run, in (0, 1]: only the last `round(strength × steps)` steps run, from
+    /// the latents noised to the level the first of them starts at. At 1 the whole schedule runs, and
+    /// the latents survive only as far as its first level keeps any signal.
     pub strength: f64,
 }
 

@@ -340,8 +340,8 @@ impl Part {
             Self::Denoiser(v) => v.name(),
             Self::Decoder => "decoder",
             Self::Tune(v) => match v {
-                Variant::Diffusion => "diffusion decoder's tuning",
-                Variant::Flow => "flow decoder's tuning",
+                Variant::Diffusion => "diffusion model's decoder",
+                Variant::Flow => "flow model's decoder",
             },
         }
     }

@@ -550,11 +550,11 @@ pub fn tune_decoder(dir: &Path, opts: &TrainOptions, progress: Progress) -> Resu
         let scenes = training_layouts(&mut data, 16.min(n - images.len()));
         let batch: Vec<Image> = scenes.iter().map(|(p, shapes)| paint_scene(p, shapes)).collect();
         let (mean, _) = encoder.encode(&images_tensor(&batch, &device)?)?;
-        // At least one step, at most the strength's share of them.
-        let start = 1 + data.below(((opts.tune_strength * steps as f64) as usize).max(1));
+        // The steps this batch's sampling runs: at least one, at most the strength's share of them.
+        let run = 1 + data.below(((opts.tune_strength * steps as f64) as usize).max(1));
         let seeds = (0..batch.len()).map(|_| data.next_u64()).collect();
         let mut req = Request::new(scenes.iter().map(|(p, _)| p.text()).collect(), seeds);
-        req.init = Some(InitLatents { latents: encoder.scale(&mean)?, strength: start as f64 / steps as f64 });
+        req.init = Some(InitLatents { latents: encoder.scale(&mean)?, strength: run as f64 / steps as f64 });
         let sampled = pipeline.denoise(&req)?;
         for i in 0..batch.len() {
             latents.push(sampled.get(i)?.to_device(&device)?);
