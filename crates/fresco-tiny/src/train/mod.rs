@@ -367,7 +367,17 @@ fn training_layouts(rng: &mut Rng, n: usize) -> Vec<(crate::grammar::Prompt, Vec
 
 /// [`training_layouts`] painted.
 fn training_images(rng: &mut Rng, n: usize) -> Vec<Image> {
-    training_layouts(rng, n).iter().map(|(p, shapes)| paint_scene(p, shapes)).collect()
+    painted(&training_layouts(rng, n))
+}
+
+fn painted(scenes: &[(crate::grammar::Prompt, Vec<Placed>)]) -> Vec<Image> {
+    scenes.iter().map(|(p, shapes)| paint_scene(p, shapes)).collect()
+}
+
+/// The images' posterior means, scaled as the denoisers learn and produce latents.
+fn encoded(encoder: &VaeEncoder, images: &[Image], device: &Device) -> Result<Tensor> {
+    let (mean, _) = encoder.encode(&images_tensor(images, device)?)?;
+    Ok(encoder.scale(&mean)?)
 }
 
 fn adamw(vars: Vec<Var>, lr: f64) -> Result<AdamW> {
@@ -548,16 +558,15 @@ pub fn tune_decoder(dir: &Path, opts: &TrainOptions, progress: Progress) -> Resu
     let mut images = Vec::with_capacity(n);
     while images.len() < n {
         let scenes = training_layouts(&mut data, 16.min(n - images.len()));
-        let batch: Vec<Image> = scenes.iter().map(|(p, shapes)| paint_scene(p, shapes)).collect();
-        let (mean, _) = encoder.encode(&images_tensor(&batch, &device)?)?;
+        let batch = painted(&scenes);
         // The steps this batch's sampling runs: at least one, at most the strength's share of them.
         let run = 1 + data.below(((opts.tune_strength * steps as f64) as usize).max(1));
         let seeds = (0..batch.len()).map(|_| data.next_u64()).collect();
         let mut req = Request::new(scenes.iter().map(|(p, _)| p.text()).collect(), seeds);
-        req.init = Some(InitLatents { latents: encoder.scale(&mean)?, strength: run as f64 / steps as f64 });
+        req.init = Some(InitLatents { latents: encoded(&encoder, &batch, &device)?, strength: run as f64 / steps as f64 });
         let sampled = pipeline.denoise(&req)?;
         for i in 0..batch.len() {
-            latents.push(sampled.get(i)?.to_device(&device)?);
+            latents.push(sampled.get(i)?);
         }
         images.extend(batch);
         progress("sample", images.len(), n, 0.0);
@@ -600,8 +609,7 @@ pub fn reconstruction_adherence(vae_dir: &Path, n: usize, seed: u64, device: &De
     let mut samples = [Vec::new(), Vec::new()];
     for chunk in scenes.chunks(32) {
         let images: Vec<Image> = chunk.iter().map(|(_, img)| img.clone()).collect();
-        let (mean, _) = encoder.encode(&images_tensor(&images, &device)?)?;
-        let decoded = fresco_pipeline::GeneratedImage::from_decoded(&decoder.decode(&encoder.scale(&mean)?)?)?;
+        let decoded = fresco_pipeline::GeneratedImage::from_decoded(&decoder.decode(&encoded(&encoder, &images, &device)?)?)?;
         for ((prompt, rendered), img) in chunk.iter().zip(decoded) {
             let img = Image { side: img.width as usize, rgb: img.rgb };
             let verdict = crate::analyze::check(prompt, &img);
@@ -697,9 +705,7 @@ pub fn train_denoiser(dir: &Path, variant: Variant, opts: &TrainOptions, progres
     let sub = (1 << opts.arch.unet_channels.len().saturating_sub(1)) * opts.layout_subcells;
     while prompts.len() < opts.pool {
         let scenes = training_layouts(&mut data, 32.min(opts.pool - prompts.len()));
-        let images: Vec<Image> = scenes.iter().map(|(p, shapes)| paint_scene(p, shapes)).collect();
-        let (mean, _) = vae.encode(&images_tensor(&images, &device)?)?;
-        let scaled = vae.scale(&mean)?;
+        let scaled = encoded(&vae, &painted(&scenes), &device)?;
         let side = scaled.dim(3)? * opts.layout_subcells;
         for (i, (p, shapes)) in scenes.iter().enumerate() {
             latents.push(scaled.get(i)?);
