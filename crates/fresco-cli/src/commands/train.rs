@@ -397,6 +397,10 @@ fn child_args(args: &Args, part: Part, vae_dir: &Path) -> Vec<OsString> {
             flag("beta-end", args.beta_end.to_string().into());
             flag("layout-weight", args.layout_weight.to_string().into());
             flag("layout-subcells", args.layout_subcells.to_string().into());
+            // The parent tunes each decoder once both U-Nets and the shared decoder are final; a child
+            // left to its default would tune its copy as well, 18 minutes for a decoder then replaced (or,
+            // with `--vae-from`, tuned twice).
+            flag("tune-steps", "0".into());
         }
         Part::Decoder => {
             flag("decoder-of", vae_dir.into());
@@ -526,6 +530,7 @@ mod tests {
                 && flow.text_from.as_deref() == Some(Path::new("/tmp/m/fresco-tiny-flow"))
                 && (flow.flow_shift, flow.beta_end, flow.layout_weight, flow.layout_subcells) == (2.5, 0.03, 0.2, 2)
                 && flow.decoder_of.is_none()
+                && flow.tune_steps == 0
         );
         let decoder = parse(child_args(&parent, Part::Decoder, vae));
         assert!(same(&decoder));
