@@ -294,6 +294,16 @@ pub struct TextTimeCond<'a> {
     pub time_ids: &'a Tensor,
 }
 
+/// What [`UNet::forward_features`] returns.
+pub struct UNetFeatures {
+    /// The denoising prediction, as [`UNet::forward_t`] gives it.
+    pub out: Tensor,
+    /// The mid block's output, `[B, C, h, w]` at the coarsest level.
+    pub mid: Tensor,
+    /// The last up block's output, `[B, C, H, W]` at the latent's own size, before the output norm.
+    pub top: Tensor,
+}
+
 impl UNet {
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let config = UNetConfig::load(&dir.join("config.json"))?;
@@ -398,18 +408,18 @@ impl UNet {
 
     /// One denoiser evaluation with a timestep per sample (`[B]`, f32), as training draws them.
     pub fn forward_t(&self, sample: &Tensor, t: &Tensor, context: &Tensor, extra: Option<TextTimeCond>) -> candle_core::Result<Tensor> {
-        Ok(self.forward_features(sample, t, context, extra)?.0)
+        Ok(self.forward_features(sample, t, context, extra)?.out)
     }
 
-    /// [`Self::forward_t`], also returning the mid block's output (`[B, C, h, w]` at the coarsest level):
-    /// training can ask the network's bottleneck for more than the denoising target alone.
+    /// [`Self::forward_t`], also returning hidden features: training can ask the network for more than
+    /// the denoising target alone.
     pub fn forward_features(
         &self,
         sample: &Tensor,
         t: &Tensor,
         context: &Tensor,
         extra: Option<TextTimeCond>,
-    ) -> candle_core::Result<(Tensor, Tensor)> {
+    ) -> candle_core::Result<UNetFeatures> {
         let cfg = &self.config;
         let b = sample.dim(0)?;
         let t_emb = timestep_embedding(t, cfg.block_out[0], cfg.flip_sin_to_cos, cfg.freq_shift)?.to_dtype(sample.dtype())?;
@@ -456,7 +466,8 @@ impl UNet {
                 x = u.forward(&x, size)?;
             }
         }
+        let top = x.clone();
         let x = self.norm_out.forward_silu(&x)?;
-        Ok((self.conv_out.forward(&x)?, mid))
+        Ok(UNetFeatures { out: self.conv_out.forward(&x)?, mid, top })
     }
 }

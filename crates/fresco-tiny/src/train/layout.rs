@@ -1,13 +1,14 @@
-//! An auxiliary training objective for the denoisers: from the U-Net's mid block, predict the clean
-//! scene's layout — which colour–shape class covers how much of each latent cell, or of finer sub-cells.
+//! An auxiliary training objective for the denoisers: from the U-Net's mid block, and from its last up
+//! block, predict the clean scene's layout — which colour–shape class covers how much of each latent
+//! cell, or of finer sub-cells.
 //!
 //! Representation alignment (REPA, Yu et al. 2024) trains a diffusion transformer several times faster by
 //! asking one of its hidden layers, through a small head dropped afterwards, to match a pretrained image
 //! encoder's features of the clean image. Here no such encoder exists, but the renderer knows the exact
 //! answer a perfect one would give: where each object is and what it is. The denoising loss weighs a
 //! square's missing corners like any other few latent values; the layout's cross-entropy names the
-//! square's class at every cell it covers, at every noise level. The head is not saved: the shipped U-Net
-//! is the same diffusers model as before.
+//! square's class at every cell it covers, at every noise level. The heads are not saved: the shipped
+//! U-Net is the same diffusers model as before.
 
 use candle_core::{Module, Tensor, D};
 use candle_nn::VarBuilder;
@@ -23,8 +24,8 @@ pub(super) struct LayoutHead {
 }
 
 impl LayoutHead {
-    /// A head on a mid block of `channels` whose every cell spans `sub` × `sub` cells of the layout map
-    /// (2 to the U-Net's levels less one, times the map's sub-cells per latent cell).
+    /// A head on features of `channels` whose every cell spans `sub` × `sub` cells of the layout map (on
+    /// the mid block, 2 to the U-Net's levels less one, times the map's sub-cells per latent cell).
     pub fn new(channels: usize, sub: usize, vb: VarBuilder) -> Result<Self> {
         let width = 2 * channels;
         Ok(Self {
@@ -35,13 +36,13 @@ impl LayoutHead {
     }
 
     /// Cross-entropy of the predicted class distributions against `target`, averaged over cells.
-    /// `mid` is `[B, C, h, w]`; `target` is `[B, h·w·sub², LAYOUT_CLASSES]` in [`head_order`].
-    pub fn loss(&self, mid: &Tensor, target: &Tensor) -> Result<Tensor> {
-        let (b, _, _, _) = mid.dims4()?;
+    /// `features` is `[B, C, h, w]`; `target` is `[B, h·w·sub², LAYOUT_CLASSES]` in [`head_order`].
+    pub fn loss(&self, features: &Tensor, target: &Tensor) -> Result<Tensor> {
+        let (b, _, _, _) = features.dims4()?;
         // Normalised first: the U-Net's next layers normalise the mid block's output anyway, so without it
         // nothing stops the head's gradient from inflating the features to sharpen its softmax (in a
         // 100-step check their RMS went from 0.7 to 65 and the cross-entropy from 3.3 to 14).
-        let x = self.norm.forward(&mid.flatten_from(2)?.transpose(1, 2)?)?;
+        let x = self.norm.forward(&features.flatten_from(2)?.transpose(1, 2)?)?;
         let logits = self.out.forward(&silu(&self.hidden.forward(&x)?)?)?.reshape((b, (), LAYOUT_CLASSES))?;
         // candle-nn's log-softmax is composed of differentiable ops (its fused softmax records no backward).
         let log_p = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
