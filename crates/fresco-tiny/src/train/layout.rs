@@ -39,9 +39,10 @@ impl LayoutHead {
     /// `features` is `[B, C, h, w]`; `target` is `[B, h·w·sub², LAYOUT_CLASSES]` in [`head_order`].
     pub fn loss(&self, features: &Tensor, target: &Tensor) -> Result<Tensor> {
         let (b, _, _, _) = features.dims4()?;
-        // Normalised first: the U-Net's next layers normalise the mid block's output anyway, so without it
-        // nothing stops the head's gradient from inflating the features to sharpen its softmax (in a
-        // 100-step check their RMS went from 0.7 to 65 and the cross-entropy from 3.3 to 14).
+        // Normalised first: the U-Net's next layers normalise these features anyway (a resnet's GroupNorm
+        // after the mid block, the output norm after the last up block), so without it nothing stops the
+        // head's gradient from inflating them to sharpen its softmax (on the mid block, in a 100-step
+        // check, their RMS went from 0.7 to 65 and the cross-entropy from 3.3 to 14).
         let x = self.norm.forward(&features.flatten_from(2)?.transpose(1, 2)?)?;
         let logits = self.out.forward(&silu(&self.hidden.forward(&x)?)?)?.reshape((b, (), LAYOUT_CLASSES))?;
         // candle-nn's log-softmax is composed of differentiable ops (its fused softmax records no backward).
