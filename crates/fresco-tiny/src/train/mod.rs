@@ -723,6 +723,7 @@ pub fn train_denoiser(dir: &Path, variant: Variant, opts: &TrainOptions, progres
         let scenes = training_layouts(&mut data, 32.min(opts.pool - prompts.len()));
         let scaled = encoded(&vae, &painted(&scenes), &device)?;
         let side = scaled.dim(3)? * opts.layout_subcells;
+        let top_side = scaled.dim(3)? * TOP_SUBCELLS;
         for (i, (p, shapes)) in scenes.iter().enumerate() {
             latents.push(scaled.get(i)?);
             if opts.layout_weight > 0.0 {
@@ -730,9 +731,8 @@ pub fn train_denoiser(dir: &Path, variant: Variant, opts: &TrainOptions, progres
                 layouts.push(Tensor::from_vec(map, (side * side, crate::render::LAYOUT_CLASSES), &device)?);
             }
             if opts.layout_top_weight > 0.0 {
-                let side = scaled.dim(3)? * TOP_SUBCELLS;
-                let map = layout::head_order(&layout_map(shapes, side), side, TOP_SUBCELLS);
-                top_layouts.push(Tensor::from_vec(map, (side * side, crate::render::LAYOUT_CLASSES), &device)?);
+                let map = layout::head_order(&layout_map(shapes, top_side), top_side, TOP_SUBCELLS);
+                top_layouts.push(Tensor::from_vec(map, (top_side * top_side, crate::render::LAYOUT_CLASSES), &device)?);
             }
             prompts.push(p.text());
         }
@@ -755,17 +755,18 @@ pub fn train_denoiser(dir: &Path, variant: Variant, opts: &TrainOptions, progres
     let unet = UNet::new(UNetConfig::load(&dir.join("unet/config.json"))?, VarBuilder::from_varmap(&unet_map, DType::F32, &device))?;
     init_vars(&unet_map, &seed.fork(3), unet_zeroed)?;
     // Each head has its own parameters and initial draws, so adding one leaves the other's start as it was.
-    let new_head = |weight: f64, channels: Option<&usize>, sub: usize, fork: u64| -> Result<(VarMap, Option<layout::LayoutHead>)> {
+    let new_head = |weight: f64, channels: usize, sub: usize, fork: u64| -> Result<(VarMap, Option<layout::LayoutHead>)> {
         let map = VarMap::new();
         if weight == 0.0 {
             return Ok((map, None));
         }
-        let head = layout::LayoutHead::new(channels.copied().unwrap_or_default(), sub, VarBuilder::from_varmap(&map, DType::F32, &device))?;
+        let head = layout::LayoutHead::new(channels, sub, VarBuilder::from_varmap(&map, DType::F32, &device))?;
         init_vars(&map, &seed.fork(fork), |_| false)?;
         Ok((map, Some(head)))
     };
-    let (head_map, head) = new_head(opts.layout_weight, opts.arch.unet_channels.last(), sub, 5)?;
-    let (top_map, top_head) = new_head(opts.layout_top_weight, opts.arch.unet_channels.first(), TOP_SUBCELLS, 6)?;
+    let widths = &opts.arch.unet_channels;
+    let (head_map, head) = new_head(opts.layout_weight, widths.last().copied().unwrap_or_default(), sub, 5)?;
+    let (top_map, top_head) = new_head(opts.layout_top_weight, widths.first().copied().unwrap_or_default(), TOP_SUBCELLS, 6)?;
     let s = opts.denoiser;
     let mut opt = adamw([unet_map.all_vars(), head_map.all_vars(), top_map.all_vars()].concat(), s.lr)?;
     let mut ema = Ema::new(&unet_map)?;
