@@ -191,6 +191,28 @@ pub fn layout_map(shapes: &[Placed], grid: usize) -> Vec<f32> {
     map.into_iter().map(|v| v as f32).collect()
 }
 
+/// Where each object's centre lies on the canvas divided into `grid` × `grid` cells: per cell, row by row,
+/// a one-hot over the [`LAYOUT_CLASSES`] — the class of the object whose bounding box is centred in it,
+/// else the background. Shapes keep [`GAP`] pixels apart, so centres lie at least 15 pixels apart on one
+/// axis and no cell of 8 pixels or less holds two: the map counts the objects, where [`layout_map`]'s
+/// coverage leaves one large object and two small ones alike.
+pub fn centre_map(shapes: &[Placed], grid: usize) -> Vec<f32> {
+    if grid == 0 {
+        return Vec::new();
+    }
+    let mut map = vec![0f32; grid * grid * LAYOUT_CLASSES];
+    let cell = SIDE as f64 / grid as f64;
+    let at = |p: f64| ((p / cell).floor().max(0.0) as usize).min(grid - 1);
+    let mut taken = vec![0; grid * grid];
+    for s in shapes {
+        taken[at(s.cy) * grid + at(s.cx)] = s.class();
+    }
+    for (c, class) in map.chunks_mut(LAYOUT_CLASSES).zip(taken) {
+        c[class] = 1.0;
+    }
+    map
+}
+
 /// A prompt that fits, drawn at random (held-out prompts only when `held_out`), and its shapes as laid out.
 pub fn sample_layout(rng: &mut Rng, objects: usize, held_out: bool) -> (Prompt, Vec<Placed>) {
     loop {
@@ -243,11 +265,18 @@ mod tests {
         assert_eq!(img.pixel(24, 32), [174, 84, 84]);
     }
 
+    /// A blue square over latent cells 1..=2 by 4..=5, and a red circle centred in cell 6 of row 1.
+    fn square_and_circle() -> (Placed, Placed) {
+        (
+            Placed { color: Color::Blue, shape: Shape::Square, cx: 16.0, cy: 40.0, half: 8.0 },
+            Placed { color: Color::Red, shape: Shape::Circle, cx: 48.5, cy: 12.5, half: 6.0 },
+        )
+    }
+
     /// Each cell's fractions sum to one, and a shape's class holds exactly its painted area.
     #[test]
     fn the_layout_map_accounts_for_every_pixel() {
-        let square = Placed { color: Color::Blue, shape: Shape::Square, cx: 16.0, cy: 40.0, half: 8.0 };
-        let circle = Placed { color: Color::Red, shape: Shape::Circle, cx: 48.5, cy: 12.5, half: 6.0 };
+        let (square, circle) = square_and_circle();
         let map = layout_map(&[square, circle], 8);
         assert_eq!(map.len(), 64 * LAYOUT_CLASSES);
         for cell in map.chunks(LAYOUT_CLASSES) {
@@ -266,5 +295,31 @@ mod tests {
         // Grids that do not divide the canvas are answered, not a panic.
         assert_eq!(layout_map(&[square, circle], 7).len(), 49 * LAYOUT_CLASSES);
         assert!(layout_map(&[square], 0).is_empty());
+    }
+
+    /// One cell per object, in its class, at its centre; every other cell background; and on the latent
+    /// grid no two objects of any laid-out scene share a cell, so the map's cells count the objects.
+    #[test]
+    fn the_centre_map_marks_one_cell_per_object() {
+        let (square, circle) = square_and_circle();
+        // A centre on the canvas's right edge belongs to the last cell.
+        let edge = Placed { cx: 64.0, cy: 0.0, ..circle };
+        let map = centre_map(&[square, circle, edge], 8);
+        assert_eq!(map.len(), 64 * LAYOUT_CLASSES);
+        let classes: Vec<usize> = map.chunks(LAYOUT_CLASSES).map(|c| c.iter().position(|&v| v == 1.0).expect("one-hot")).collect();
+        assert!(map.chunks(LAYOUT_CLASSES).all(|c| c.iter().sum::<f32>() == 1.0));
+        assert_eq!(classes[5 * 8 + 2], square.class());
+        assert_eq!(classes[8 + 6], circle.class());
+        assert_eq!(classes[7], circle.class());
+        assert_eq!(classes.iter().filter(|&&c| c != 0).count(), 3);
+        assert!(centre_map(&[square], 0).is_empty());
+        let mut rng = Rng::new(4);
+        for objects in [1, 2, 2, 2] {
+            for _ in 0..50 {
+                let (_, shapes) = sample_layout(&mut rng, objects, false);
+                let marked = centre_map(&shapes, 8).chunks(LAYOUT_CLASSES).filter(|c| c[0] == 0.0).count();
+                assert_eq!(marked, shapes.len(), "{shapes:?}");
+            }
+        }
     }
 }

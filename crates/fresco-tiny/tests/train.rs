@@ -235,18 +235,25 @@ fn noise_options_reach_training_and_the_scheduler() {
 fn layout_options_reach_the_unet() {
     let root = tempfile::tempdir().expect("tempdir");
     let base = options(7);
-    let runs: Vec<Vec<(String, Vec<u8>)>> =
-        [(0.0, 1, 0.0), (0.25, 1, 0.0), (0.25, 2, 0.0), (0.25, 8, 0.0), (0.25, 1, 0.25), (0.0, 1, 0.25)]
-            .into_iter()
-            .map(|(layout_weight, layout_subcells, layout_top_weight)| {
-                let dir = root.path().join(format!("{layout_weight}-{layout_subcells}-{layout_top_weight}"));
-                let opts = TrainOptions { layout_weight, layout_subcells, layout_top_weight, ..base.clone() };
-                prepare(&dir, Variant::Diffusion, &opts);
-                train::train_denoiser(&dir, Variant::Diffusion, &opts, &mut |_, _, _, _| {}).expect("train");
-                Pipeline::load(&dir, &DeviceSpec::Cpu).expect("load");
-                tensors(&dir.join("unet/diffusion_pytorch_model.safetensors"))
-            })
-            .collect();
+    let runs: Vec<Vec<(String, Vec<u8>)>> = [
+        (0.0, 1, 0.0, 0.0),
+        (0.25, 1, 0.0, 0.0),
+        (0.25, 2, 0.0, 0.0),
+        (0.25, 8, 0.0, 0.0),
+        (0.25, 1, 0.25, 0.0),
+        (0.0, 1, 0.25, 0.0),
+        (0.0, 1, 0.0, 0.25),
+    ]
+    .into_iter()
+    .map(|(layout_weight, layout_subcells, layout_top_weight, layout_centre_weight)| {
+        let dir = root.path().join(format!("{layout_weight}-{layout_subcells}-{layout_top_weight}-{layout_centre_weight}"));
+        let opts = TrainOptions { layout_weight, layout_subcells, layout_top_weight, layout_centre_weight, ..base.clone() };
+        prepare(&dir, Variant::Diffusion, &opts);
+        train::train_denoiser(&dir, Variant::Diffusion, &opts, &mut |_, _, _, _| {}).expect("train");
+        Pipeline::load(&dir, &DeviceSpec::Cpu).expect("load");
+        tensors(&dir.join("unet/diffusion_pytorch_model.safetensors"))
+    })
+    .collect();
     for (i, a) in runs.iter().enumerate() {
         for b in &runs[i + 1..] {
             assert!(a.iter().map(|t| &t.0).eq(b.iter().map(|t| &t.0)), "the same tensors");

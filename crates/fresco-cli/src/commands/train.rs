@@ -66,6 +66,9 @@ pub struct Args {
     /// Weight of a second layout loss, on the U-Net's last up block at 2-pixel cells (0: none).
     #[arg(long, default_value_t = TrainOptions::default().layout_top_weight)]
     layout_top_weight: f64,
+    /// Weight of a third, on the mid block: which latent cell each object is centred in (0: none).
+    #[arg(long, default_value_t = TrainOptions::default().layout_centre_weight)]
+    layout_centre_weight: f64,
     #[arg(long, default_value_t = TrainOptions::default().denoiser.steps)]
     steps: usize,
     #[arg(long, default_value_t = TrainOptions::default().denoiser.batch)]
@@ -184,6 +187,7 @@ fn options(args: &Args) -> TrainOptions {
         layout_weight: args.layout_weight,
         layout_subcells: args.layout_subcells,
         layout_top_weight: args.layout_top_weight,
+        layout_centre_weight: args.layout_centre_weight,
         device: args.device.clone(),
         ..defaults
     }
@@ -402,6 +406,7 @@ fn child_args(args: &Args, part: Part, vae_dir: &Path) -> Vec<OsString> {
             flag("layout-weight", args.layout_weight.to_string().into());
             flag("layout-subcells", args.layout_subcells.to_string().into());
             flag("layout-top-weight", args.layout_top_weight.to_string().into());
+            flag("layout-centre-weight", args.layout_centre_weight.to_string().into());
             // The parent tunes each decoder once both U-Nets and the shared decoder are final; a child
             // left to its default would tune its copy as well, 18 minutes for a decoder then replaced (or,
             // with `--vae-from`, tuned twice).
@@ -493,6 +498,7 @@ mod tests {
             ("--beta-end", "0.0005"),
             ("--layout-weight", "-1"),
             ("--layout-top-weight", "-0.5"),
+            ("--layout-centre-weight", "-0.5"),
             ("--layout-subcells", "3"),
             ("--layout-subcells", "16"),
             ("--vae-channels", "16,16,32"),
@@ -517,7 +523,7 @@ mod tests {
     #[test]
     fn child_processes_get_the_parents_settings() {
         let line = "train --out /tmp/m --seed 7 --tokenizer /tmp/tok --steps 9 --batch 3 --lr 0.002 --pool 5 \
-                    --decoder-steps 11 --decoder-batch 4 --latent-noise 0.25 --tune-steps 12 --tune-pool 6 --tune-strength 0.5 --tune-lr 0.003 --flow-shift 2.5 --beta-end 0.03 --layout-weight 0.2 --layout-subcells 2 --layout-top-weight 0.4 --vae-channels 8,8,16,16 --latent-channels 4 --unet-channels 16,32 --test-arch";
+                    --decoder-steps 11 --decoder-batch 4 --latent-noise 0.25 --tune-steps 12 --tune-pool 6 --tune-strength 0.5 --tune-lr 0.003 --flow-shift 2.5 --beta-end 0.03 --layout-weight 0.2 --layout-subcells 2 --layout-top-weight 0.4 --layout-centre-weight 0.3 --vae-channels 8,8,16,16 --latent-channels 4 --unet-channels 16,32 --test-arch";
         let parent = parse(line.split(' ').map(OsString::from));
         let vae = Path::new("/tmp/m/.vae/vae");
         let same = |c: &Args| {
@@ -536,6 +542,7 @@ mod tests {
                 && flow.text_from.as_deref() == Some(Path::new("/tmp/m/fresco-tiny-flow"))
                 && (flow.flow_shift, flow.beta_end, flow.layout_weight, flow.layout_subcells, flow.layout_top_weight)
                     == (2.5, 0.03, 0.2, 2, 0.4)
+                && flow.layout_centre_weight == 0.3
                 && flow.decoder_of.is_none()
                 && flow.tune_steps == 0
         );

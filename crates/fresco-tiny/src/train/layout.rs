@@ -1,6 +1,6 @@
 //! An auxiliary training objective for the denoisers: from the U-Net's mid block, and from its last up
 //! block, predict the clean scene's layout — which colour–shape class covers how much of each latent
-//! cell, or of finer sub-cells.
+//! cell, or of finer sub-cells — and from the mid block where each object is centred.
 //!
 //! Representation alignment (REPA, Yu et al. 2024) trains a diffusion transformer several times faster by
 //! asking one of its hidden layers, through a small head dropped afterwards, to match a pretrained image
