@@ -193,7 +193,7 @@ pub fn layout_map(shapes: &[Placed], grid: usize) -> Vec<f32> {
 
 /// Where each object's centre lies on the canvas divided into `grid` × `grid` cells: per cell, row by row,
 /// a one-hot over the [`LAYOUT_CLASSES`] — the class of the object whose bounding box is centred in it,
-/// else the background. Shapes keep [`GAP`] pixels apart, so centres lie at least 15 pixels apart on one
+/// else the background. Shapes keep [`GAP`] pixels apart, so centres lie at least 14 pixels apart on one
 /// axis and no cell of 8 pixels or less holds two: the map counts the objects, where [`layout_map`]'s
 /// coverage leaves one large object and two small ones alike.
 pub fn centre_map(shapes: &[Placed], grid: usize) -> Vec<f32> {
