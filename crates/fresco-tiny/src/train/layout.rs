@@ -10,14 +10,98 @@
 //! square's class at every cell it covers, at every noise level. The heads are not saved: the shipped
 //! U-Net is the same diffusers model as before.
 
-use candle_core::{Module, Tensor, D};
-use candle_nn::VarBuilder;
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{VarBuilder, VarMap};
 use fresco_pipeline::models::blocks::{linear, silu, LayerNorm, Linear};
+use fresco_pipeline::models::unet::UNetFeatures;
 
 use crate::error::Result;
-use crate::render::LAYOUT_CLASSES;
+use crate::render::{centre_map, layout_map, Placed, LAYOUT_CLASSES};
+use crate::rng::Rng;
 
-pub(super) struct LayoutHead {
+/// Which of the U-Net's features a head reads.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Level {
+    /// The mid block: its cells are 2 to the U-Net's levels less one latent cells a side, and each sees
+    /// the whole frame through its attention.
+    Mid,
+    /// The last up block, at the latent's own cells: all the output convolution reads.
+    Top,
+}
+
+/// What a head predicts of the clean scene, per map cell.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Target {
+    /// Which class covers how much of it ([`layout_map`]).
+    Coverage,
+    /// Which class's object is centred in it ([`centre_map`]).
+    Centres,
+}
+
+/// One auxiliary loss as the denoiser's training runs it: a head with its own parameters and initial
+/// draws, its weight, and each pool scene's target in [`head_order`].
+pub(super) struct Auxiliary {
+    level: Level,
+    target: Target,
+    /// Map cells a side per latent cell.
+    cells: usize,
+    /// Map cells a side per cell of the features the head reads.
+    sub: usize,
+    weight: f64,
+    head: LayoutHead,
+    pub vars: VarMap,
+    targets: Vec<Tensor>,
+}
+
+impl Auxiliary {
+    /// `None` at weight 0: no head and no draws, so leaving one out trains exactly what the recipe
+    /// trained without it. `widths` are the U-Net's level widths; `seed` is this head's own stream.
+    pub fn new(
+        level: Level,
+        target: Target,
+        cells: usize,
+        weight: f64,
+        widths: &[usize],
+        seed: &Rng,
+        device: &Device,
+    ) -> Result<Option<Self>> {
+        if weight == 0.0 {
+            return Ok(None);
+        }
+        let (channels, sub) = match level {
+            // Each U-Net level but the last halves the latent grid on the way to the mid block.
+            Level::Mid => (widths.last().copied().unwrap_or_default(), (1 << widths.len().saturating_sub(1)) * cells),
+            Level::Top => (widths.first().copied().unwrap_or_default(), cells),
+        };
+        let vars = VarMap::new();
+        let head = LayoutHead::new(channels, sub, VarBuilder::from_varmap(&vars, DType::F32, device))?;
+        super::init_vars(&vars, seed, |_| false)?;
+        Ok(Some(Self { level, target, cells, sub, weight, head, vars, targets: Vec::new() }))
+    }
+
+    /// Adds the next pool scene's target, from its shapes and the side of its latent.
+    pub fn push(&mut self, shapes: &[Placed], latent_side: usize, device: &Device) -> Result<()> {
+        let side = latent_side * self.cells;
+        let map = match self.target {
+            Target::Coverage => layout_map(shapes, side),
+            Target::Centres => centre_map(shapes, side),
+        };
+        self.targets.push(Tensor::from_vec(head_order(&map, side, self.sub), (side * side, LAYOUT_CLASSES), device)?);
+        Ok(())
+    }
+
+    /// The weighted loss of the batch of pool scenes `picks`.
+    pub fn loss(&self, features: &UNetFeatures, picks: &[usize]) -> Result<Tensor> {
+        let at = match self.level {
+            Level::Mid => &features.mid,
+            Level::Top => &features.top,
+        };
+        let target = Tensor::stack(&picks.iter().map(|&i| self.targets[i].clone()).collect::<Vec<_>>(), 0)?;
+        Ok(self.head.loss(at, &target)?.affine(self.weight, 0.0)?)
+    }
+}
+
+struct LayoutHead {
     norm: LayerNorm,
     hidden: Linear,
     out: Linear,
@@ -26,7 +110,7 @@ pub(super) struct LayoutHead {
 impl LayoutHead {
     /// A head on features of `channels` whose every cell spans `sub` × `sub` cells of the layout map (on
     /// the mid block, 2 to the U-Net's levels less one, times the map's sub-cells per latent cell).
-    pub fn new(channels: usize, sub: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(channels: usize, sub: usize, vb: VarBuilder) -> Result<Self> {
         let width = 2 * channels;
         Ok(Self {
             norm: LayerNorm::new(channels, 1e-5, vb.pp("norm"))?,
@@ -37,7 +121,7 @@ impl LayoutHead {
 
     /// Cross-entropy of the predicted class distributions against `target`, averaged over cells.
     /// `features` is `[B, C, h, w]`; `target` is `[B, h·w·sub², LAYOUT_CLASSES]` in [`head_order`].
-    pub fn loss(&self, features: &Tensor, target: &Tensor) -> Result<Tensor> {
+    fn loss(&self, features: &Tensor, target: &Tensor) -> Result<Tensor> {
         let (b, _, _, _) = features.dims4()?;
         // Normalised first: the U-Net's next layers normalise these features anyway (a resnet's GroupNorm
         // after the mid block, the output norm after the last up block), so without it nothing stops the
@@ -53,7 +137,7 @@ impl LayoutHead {
 
 /// Reorders a `layout_map` (`side` × `side` cells, row by row) into the order [`LayoutHead`] predicts
 /// it: mid-block cell by cell, and within each its `sub` × `sub` map cells.
-pub(super) fn head_order(map: &[f32], side: usize, sub: usize) -> Vec<f32> {
+fn head_order(map: &[f32], side: usize, sub: usize) -> Vec<f32> {
     let coarse = side / sub;
     let mut out = Vec::with_capacity(map.len());
     for i in 0..coarse {

@@ -21,10 +21,12 @@ use fresco_pipeline::{DeviceSpec, InitLatents, Pipeline, Request};
 
 use crate::arch::{self, Arch, Variant};
 use crate::error::{Result, TinyError};
-use crate::render::{centre_map, layout_map, paint_scene, sample_layout, Image, Placed};
+use crate::render::{paint_scene, sample_layout, Image, Placed};
 use crate::rng::Rng;
 
 mod layout;
+
+use layout::{Auxiliary, Level, Target};
 mod text;
 pub use text::train_text_encoder;
 
@@ -726,32 +728,23 @@ pub fn train_denoiser(dir: &Path, variant: Variant, opts: &TrainOptions, progres
     let mut data = seed.fork(1);
     let mut prompts = Vec::with_capacity(opts.pool);
     let mut latents = Vec::with_capacity(opts.pool);
-    let mut layouts = Vec::new();
-    let mut top_layouts = Vec::new();
-    let mut centres = Vec::new();
-    // Each U-Net level but the last halves the latent grid on the way to the mid block, and each latent
-    // cell is mapped as `layout_subcells`² cells.
-    let mid_cell = 1 << opts.arch.unet_channels.len().saturating_sub(1);
-    let sub = mid_cell * opts.layout_subcells;
+    // The auxiliary losses in the order they add to the denoising loss, each with its own seed stream.
+    let mut auxiliaries = Vec::new();
+    for (level, target, cells, weight, fork) in [
+        (Level::Mid, Target::Coverage, opts.layout_subcells, opts.layout_weight, 5),
+        (Level::Top, Target::Coverage, TOP_SUBCELLS, opts.layout_top_weight, 6),
+        (Level::Mid, Target::Centres, 1, opts.layout_centre_weight, 7),
+    ] {
+        auxiliaries.extend(Auxiliary::new(level, target, cells, weight, &opts.arch.unet_channels, &seed.fork(fork), &device)?);
+    }
     while prompts.len() < opts.pool {
         let scenes = training_layouts(&mut data, 32.min(opts.pool - prompts.len()));
         let scaled = encoded(&vae, &painted(&scenes), &device)?;
         let latent_side = scaled.dim(3)?;
-        let side = latent_side * opts.layout_subcells;
-        let top_side = latent_side * TOP_SUBCELLS;
         for (i, (p, shapes)) in scenes.iter().enumerate() {
             latents.push(scaled.get(i)?);
-            if opts.layout_weight > 0.0 {
-                let map = layout::head_order(&layout_map(shapes, side), side, sub);
-                layouts.push(Tensor::from_vec(map, (side * side, crate::render::LAYOUT_CLASSES), &device)?);
-            }
-            if opts.layout_top_weight > 0.0 {
-                let map = layout::head_order(&layout_map(shapes, top_side), top_side, TOP_SUBCELLS);
-                top_layouts.push(Tensor::from_vec(map, (top_side * top_side, crate::render::LAYOUT_CLASSES), &device)?);
-            }
-            if opts.layout_centre_weight > 0.0 {
-                let map = layout::head_order(&centre_map(shapes, latent_side), latent_side, mid_cell);
-                centres.push(Tensor::from_vec(map, (latent_side * latent_side, crate::render::LAYOUT_CLASSES), &device)?);
+            for aux in &mut auxiliaries {
+                aux.push(shapes, latent_side, &device)?;
             }
             prompts.push(p.text());
         }
@@ -773,22 +766,9 @@ pub fn train_denoiser(dir: &Path, variant: Variant, opts: &TrainOptions, progres
     let unet_map = VarMap::new();
     let unet = UNet::new(UNetConfig::load(&dir.join("unet/config.json"))?, VarBuilder::from_varmap(&unet_map, DType::F32, &device))?;
     init_vars(&unet_map, &seed.fork(3), unet_zeroed)?;
-    // Each head has its own parameters and initial draws, so adding one leaves the other's start as it was.
-    let new_head = |weight: f64, channels: usize, sub: usize, fork: u64| -> Result<(VarMap, Option<layout::LayoutHead>)> {
-        let map = VarMap::new();
-        if weight == 0.0 {
-            return Ok((map, None));
-        }
-        let head = layout::LayoutHead::new(channels, sub, VarBuilder::from_varmap(&map, DType::F32, &device))?;
-        init_vars(&map, &seed.fork(fork), |_| false)?;
-        Ok((map, Some(head)))
-    };
-    let widths = &opts.arch.unet_channels;
-    let (mid_vars, head) = new_head(opts.layout_weight, widths.last().copied().unwrap_or_default(), sub, 5)?;
-    let (top_vars, top_head) = new_head(opts.layout_top_weight, widths.first().copied().unwrap_or_default(), TOP_SUBCELLS, 6)?;
-    let (centre_vars, centre_head) = new_head(opts.layout_centre_weight, widths.last().copied().unwrap_or_default(), mid_cell, 7)?;
+    let trained: Vec<&VarMap> = std::iter::once(&unet_map).chain(auxiliaries.iter().map(|a| &a.vars)).collect();
     let s = opts.denoiser;
-    let mut opt = adamw([unet_map.all_vars(), mid_vars.all_vars(), top_vars.all_vars(), centre_vars.all_vars()].concat(), s.lr)?;
+    let mut opt = adamw(trained.iter().flat_map(|m| m.all_vars()).collect(), s.lr)?;
     let mut ema = Ema::new(&unet_map)?;
     let mut draw = seed.fork(4);
     let ac = alphas_cumprod(opts.beta_end);
@@ -829,24 +809,17 @@ pub fn train_denoiser(dir: &Path, variant: Variant, opts: &TrainOptions, progres
             }
         };
         let features = unet.forward_features(&xt, &t, &context, None)?;
-        let per_sample_loss = (features.out - target)?.sqr()?.flatten_from(1)?.mean(1)?;
+        let per_sample_loss = (&features.out - target)?.sqr()?.flatten_from(1)?.mean(1)?;
         let loss = (per_sample_loss * weights)?.mean_all()?;
         let mut total = loss.clone();
-        for (head, maps, at, weight) in [
-            (&head, &layouts, &features.mid, opts.layout_weight),
-            (&top_head, &top_layouts, &features.top, opts.layout_top_weight),
-            (&centre_head, &centres, &features.mid, opts.layout_centre_weight),
-        ] {
-            if let Some(head) = head {
-                let target = Tensor::stack(&picks.iter().map(|&i| maps[i].clone()).collect::<Vec<_>>(), 0)?;
-                total = (&total + head.loss(at, &target)?.affine(weight, 0.0)?)?;
-            }
+        for aux in &auxiliaries {
+            total = (&total + aux.loss(&features, &picks)?)?;
         }
         let grads = total.backward()?;
         // On the second step: on the first, the zeroed weights (`unet_zeroed`) still block every
         // gradient upstream of them.
         if step == 1 {
-            check_gradients(&[&unet_map, &mid_vars, &top_vars, &centre_vars], &grads)?;
+            check_gradients(&trained, &grads)?;
         }
         opt.step(&grads)?;
         ema.update(step)?;
