@@ -93,12 +93,15 @@ pub struct Args {
     /// Train the miniature test architecture (seconds, not minutes; for trying the command out).
     #[arg(long)]
     test_arch: bool,
-    /// Set on the child processes that train one part each (the parent checks the autoencoder).
-    #[arg(long, hide = true)]
+    /// Skip the closing check of how much of the held-out scenes the autoencoder keeps.
+    #[arg(long)]
     no_round_trip: bool,
     /// Child process: only train the decoder of this autoencoder folder further.
     #[arg(long, hide = true)]
     decoder_of: Option<PathBuf>,
+    /// Child process: only train the U-Net (`--variant`) of this model folder, which the parent prepared.
+    #[arg(long, hide = true)]
+    denoiser_of: Option<PathBuf>,
     /// Only tune the decoder of this finished model folder on its own denoiser's samples (in place).
     #[arg(long)]
     tune_decoder_of: Option<PathBuf>,
@@ -219,6 +222,12 @@ fn run_on_pool(args: Args) -> anyhow::Result<()> {
 
     if let Some(vae_dir) = &args.decoder_of {
         return train::train_decoder(vae_dir, &opts, &mut progress).context("training the decoder");
+    }
+    if let Some(dir) = &args.denoiser_of {
+        let [variant] = variants[..] else {
+            anyhow::bail!("--denoiser-of trains one U-Net: give --variant diffusion or flow");
+        };
+        return train::train_denoiser(dir, variant, &opts, &mut progress).with_context(|| format!("training {}", dir.display()));
     }
     if let Some(dir) = &args.tune_decoder_of {
         return train::tune_decoder(dir, &opts, &mut progress).with_context(|| format!("tuning the decoder of {}", dir.display()));
@@ -390,7 +399,7 @@ fn report_round_trip(args: &Args, vae_dir: &Path, opts: &TrainOptions) -> anyhow
 
 /// The arguments of a child `fresco train` that trains one part of this run on its autoencoder.
 fn child_args(args: &Args, part: Part, vae_dir: &Path) -> Vec<OsString> {
-    let mut out: Vec<OsString> = vec!["train".into(), "--no-round-trip".into()];
+    let mut out: Vec<OsString> = vec!["train".into()];
     let mut flag = |name: &str, value: OsString| {
         out.push(format!("--{name}").into());
         out.push(value);
@@ -399,18 +408,13 @@ fn child_args(args: &Args, part: Part, vae_dir: &Path) -> Vec<OsString> {
     match part {
         Part::Denoiser(v) => {
             flag("variant", v.name().into());
-            flag("vae-from", args.out.join(v.folder()).into());
-            flag("text-from", args.out.join(v.folder()).into());
+            flag("denoiser-of", args.out.join(v.folder()).into());
             flag("flow-shift", args.flow_shift.to_string().into());
             flag("beta-end", args.beta_end.to_string().into());
             flag("layout-weight", args.layout_weight.to_string().into());
             flag("layout-subcells", args.layout_subcells.to_string().into());
             flag("layout-top-weight", args.layout_top_weight.to_string().into());
             flag("layout-centre-weight", args.layout_centre_weight.to_string().into());
-            // The parent tunes each decoder once both U-Nets and the shared decoder are final; a child
-            // left to its default would tune its copy as well, 18 minutes for a decoder then replaced (or,
-            // with `--vae-from`, tuned twice).
-            flag("tune-steps", "0".into());
         }
         Part::Decoder => {
             flag("decoder-of", vae_dir.into());
@@ -532,19 +536,17 @@ mod tests {
                     && c.vae_channels == parent.vae_channels
                     && c.latent_channels == Some(4)
                     && c.unet_channels == parent.unet_channels)
-                && (c.test_arch && c.no_round_trip && c.device == DeviceSpec::Cpu)
+                && (c.test_arch && c.device == DeviceSpec::Cpu)
         };
         let flow = parse(child_args(&parent, Part::Denoiser(Variant::Flow), vae));
         assert!(same(&flow));
         assert!(
             flow.variant == Which::Flow
-                && flow.vae_from.as_deref() == Some(Path::new("/tmp/m/fresco-tiny-flow"))
-                && flow.text_from.as_deref() == Some(Path::new("/tmp/m/fresco-tiny-flow"))
+                && flow.denoiser_of.as_deref() == Some(Path::new("/tmp/m/fresco-tiny-flow"))
                 && (flow.flow_shift, flow.beta_end, flow.layout_weight, flow.layout_subcells, flow.layout_top_weight)
                     == (2.5, 0.03, 0.2, 2, 0.4)
                 && flow.layout_centre_weight == 0.3
-                && flow.decoder_of.is_none()
-                && flow.tune_steps == 0
+                && (flow.decoder_of.is_none() && flow.tune_decoder_of.is_none())
         );
         let decoder = parse(child_args(&parent, Part::Decoder, vae));
         assert!(same(&decoder));
@@ -557,7 +559,7 @@ mod tests {
         assert!(
             tune.tune_decoder_of.as_deref() == Some(Path::new("/tmp/m/fresco-tiny"))
                 && (tune.tune_steps, tune.tune_pool, tune.tune_strength, tune.tune_lr) == (12, 6, 0.5, 0.003)
-                && tune.decoder_of.is_none()
+                && (tune.decoder_of.is_none() && tune.denoiser_of.is_none())
         );
     }
 }
