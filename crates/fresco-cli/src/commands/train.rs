@@ -221,13 +221,13 @@ fn run_on_pool(args: Args) -> anyhow::Result<()> {
     };
 
     if let Some(vae_dir) = &args.decoder_of {
-        return train::train_decoder(vae_dir, &opts, &mut progress).context("training the decoder");
+        return Part::Decoder.train(vae_dir, &opts, &mut progress);
     }
     if let Some(dir) = &args.denoiser_of {
         let [variant] = variants[..] else {
             anyhow::bail!("--denoiser-of trains one U-Net: give --variant diffusion or flow");
         };
-        return train::train_denoiser(dir, variant, &opts, &mut progress).with_context(|| format!("training {}", dir.display()));
+        return Part::Denoiser(variant).train(dir, &opts, &mut progress);
     }
     if let Some(dir) = &args.tune_decoder_of {
         return train::tune_decoder(dir, &opts, &mut progress).with_context(|| format!("tuning the decoder of {}", dir.display()));
@@ -310,17 +310,7 @@ fn run_parts(args: &Args, opts: &TrainOptions, parts: &[Part], vae_dir: &Path, p
         return Ok(());
     }
     for part in parts {
-        match *part {
-            Part::Decoder => train::train_decoder(vae_dir, opts, progress).context("training the decoder")?,
-            Part::Denoiser(variant) => {
-                let dir = args.out.join(variant.folder());
-                train::train_denoiser(&dir, variant, opts, progress).with_context(|| format!("training {}", dir.display()))?;
-            }
-            Part::Tune(variant) => {
-                let dir = args.out.join(variant.folder());
-                train::tune_decoder(&dir, opts, progress).with_context(|| format!("tuning the decoder of {}", dir.display()))?;
-            }
-        }
+        part.train(&part.dir(&args.out, vae_dir), opts, progress)?;
     }
     Ok(())
 }
@@ -360,6 +350,24 @@ impl Part {
                 Variant::Diffusion => "diffusion model's decoder",
                 Variant::Flow => "flow model's decoder",
             },
+        }
+    }
+
+    /// The folder the part trains in: the run's shared autoencoder for the decoder, else its variant's
+    /// model folder under `out`.
+    fn dir(self, out: &Path, vae_dir: &Path) -> PathBuf {
+        match self {
+            Self::Decoder => vae_dir.to_path_buf(),
+            Self::Denoiser(v) | Self::Tune(v) => out.join(v.folder()),
+        }
+    }
+
+    /// Trains the part in this process, in `dir` ([`Part::dir`], or the folder a child was given).
+    fn train(self, dir: &Path, opts: &TrainOptions, progress: train::Progress) -> anyhow::Result<()> {
+        match self {
+            Self::Decoder => train::train_decoder(dir, opts, progress).context("training the decoder"),
+            Self::Denoiser(v) => train::train_denoiser(dir, v, opts, progress).with_context(|| format!("training {}", dir.display())),
+            Self::Tune(_) => train::tune_decoder(dir, opts, progress).with_context(|| format!("tuning the decoder of {}", dir.display())),
         }
     }
 }
@@ -405,10 +413,11 @@ fn child_args(args: &Args, part: Part, vae_dir: &Path) -> Vec<OsString> {
         out.push(value);
     };
     let list = |v: &[usize]| v.iter().map(usize::to_string).collect::<Vec<_>>().join(",").into();
+    let dir = part.dir(&args.out, vae_dir).into();
     match part {
         Part::Denoiser(v) => {
             flag("variant", v.name().into());
-            flag("denoiser-of", args.out.join(v.folder()).into());
+            flag("denoiser-of", dir);
             flag("flow-shift", args.flow_shift.to_string().into());
             flag("beta-end", args.beta_end.to_string().into());
             flag("layout-weight", args.layout_weight.to_string().into());
@@ -417,13 +426,13 @@ fn child_args(args: &Args, part: Part, vae_dir: &Path) -> Vec<OsString> {
             flag("layout-centre-weight", args.layout_centre_weight.to_string().into());
         }
         Part::Decoder => {
-            flag("decoder-of", vae_dir.into());
+            flag("decoder-of", dir);
             flag("decoder-steps", args.decoder_steps.to_string().into());
             flag("decoder-batch", args.decoder_batch.to_string().into());
             flag("latent-noise", args.latent_noise.to_string().into());
         }
-        Part::Tune(v) => {
-            flag("tune-decoder-of", args.out.join(v.folder()).into());
+        Part::Tune(_) => {
+            flag("tune-decoder-of", dir);
             flag("tune-steps", args.tune_steps.to_string().into());
             flag("tune-pool", args.tune_pool.to_string().into());
             flag("tune-strength", args.tune_strength.to_string().into());

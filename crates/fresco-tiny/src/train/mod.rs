@@ -25,9 +25,9 @@ use crate::render::{paint_scene, sample_layout, Image, Placed};
 use crate::rng::Rng;
 
 mod layout;
+mod text;
 
 use layout::{Auxiliary, Level, Target};
-mod text;
 pub use text::train_text_encoder;
 
 /// One optimisation run: steps, batch and peak learning rate (linear warm-up, cosine decay to a tenth).
