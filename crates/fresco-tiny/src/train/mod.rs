@@ -71,7 +71,8 @@ pub struct TrainOptions {
     /// 0.6 starts at most from σ ≈ 0.67 (flow) or t = 600 (diffusion), below which a denoiser keeps the
     /// scene's layout (models/README.md, "Where adherence is lost"): the sampled latent and the rendered
     /// scene show the same objects in the same places, and differ in the drawing. 0.8 gave fresco-tiny
-    /// 77.2% / 36.6% at 8,000 steps, within the spread of 0.6's 76.8% / 39.0%.
+    /// 77.2% / 36.6% at 8,000 steps, within the spread of 0.6's 76.8% / 39.0%; 0.75 at 16,000 steps lost
+    /// 1.6 / 1.2 and 2.6 / 1.6 points against 0.6 on session 31's U-Nets.
     pub tune_strength: f64,
     /// Rendered scenes encoded once for denoiser training.
     pub pool: usize,
@@ -113,7 +114,8 @@ pub struct TrainOptions {
     /// each object once, and wrong counts were, after wrong shapes, the largest failure left. 0 leaves it
     /// out. The default, 0.25, gave fresco-tiny 78.0% → 79.2% of one-object and 44.6% → 46.0% of
     /// two-object prompts right, fresco-tiny-flow 75.0% → 77.2% and 39.2% → 43.8%, wrong counts down by
-    /// a sixth (both with their decoders tuned; models/README.md).
+    /// a sixth (both with their decoders tuned; models/README.md). All three heads at 0.5 gave 76.4% /
+    /// 43.4% and 76.6% / 45.2%.
     pub layout_centre_weight: f64,
     pub device: DeviceSpec,
 }
