@@ -230,7 +230,7 @@ fn run_on_pool(args: Args) -> anyhow::Result<()> {
         return Part::Denoiser(variant).train(dir, &opts, &mut progress);
     }
     if let Some(dir) = &args.tune_decoder_of {
-        return train::tune_decoder(dir, &opts, &mut progress).with_context(|| format!("tuning the decoder of {}", dir.display()));
+        return tune(dir, &opts, &mut progress);
     }
     // `--vae-from` names a model folder; a freshly trained autoencoder goes into one of its own.
     let (vae_dir, fresh) = match &args.vae_from {
@@ -367,9 +367,15 @@ impl Part {
         match self {
             Self::Decoder => train::train_decoder(dir, opts, progress).context("training the decoder"),
             Self::Denoiser(v) => train::train_denoiser(dir, v, opts, progress).with_context(|| format!("training {}", dir.display())),
-            Self::Tune(_) => train::tune_decoder(dir, opts, progress).with_context(|| format!("tuning the decoder of {}", dir.display())),
+            Self::Tune(_) => tune(dir, opts, progress),
         }
     }
+}
+
+/// Tunes the decoder of the model folder `dir` on its own U-Net's samples, as the recipe's last part and
+/// as `--tune-decoder-of` alike (the folder, not a variant, says which model).
+fn tune(dir: &Path, opts: &TrainOptions, progress: train::Progress) -> anyhow::Result<()> {
+    train::tune_decoder(dir, opts, progress).with_context(|| format!("tuning the decoder of {}", dir.display()))
 }
 
 /// A model folder's configs, tokenizer, autoencoder and text encoder, ready for its U-Net's training.
