@@ -274,3 +274,48 @@ fn the_text_encoder_learns_to_read_held_out_prompts() {
     let (untrained, trained) = (read_after(1), read_after(1000));
     assert!(untrained < 0.02 && trained > 0.2, "read {untrained} untrained, {trained} trained");
 }
+
+/// Largest difference between two U-Nets' weights, tensor by tensor.
+fn unet_distance(a: &Path, b: &Path) -> f32 {
+    let load = |dir: &Path| {
+        candle_core::safetensors::load(dir.join("unet/diffusion_pytorch_model.safetensors"), &candle_core::Device::Cpu).expect("weights")
+    };
+    let (a, b) = (load(a), load(b));
+    assert_eq!(a.len(), b.len(), "the same tensors");
+    a.iter()
+        .map(|(name, t)| {
+            let diff = (t.to_dtype(candle_core::DType::F32).expect("f32") - b[name].to_dtype(candle_core::DType::F32).expect("f32"))
+                .expect("same shape");
+            diff.abs().expect("abs").max_all().expect("max").to_scalar::<f32>().expect("scalar")
+        })
+        .fold(0.0, f32::max)
+}
+
+/// `resume` continues the U-Net in the folder: a few small steps from another seed move its weights a
+/// little, where a fresh start from that seed lands far away; a folder without weights to continue is an
+/// error that names the file.
+#[test]
+fn a_resumed_unet_continues_from_its_folders_weights() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let first = root.path().join("first");
+    let opts = options(8);
+    prepare(&first, Variant::Flow, &opts);
+    train::train_denoiser(&first, Variant::Flow, &opts, &mut |_, _, _, _| {}).expect("train");
+    let again = |name: &str, resume: bool| {
+        let dir = root.path().join(name);
+        for part in ["tokenizer", "vae", "text_encoder", "unet"] {
+            copy_files(&first.join(part), &dir.join(part));
+        }
+        let opts = TrainOptions { seed: 9, resume, denoiser: Schedule { lr: 1e-4, ..opts.denoiser }, ..opts.clone() };
+        train::train_denoiser(&dir, Variant::Flow, &opts, &mut |_, _, _, _| {}).expect("train");
+        dir
+    };
+    let (resumed, fresh) = (unet_distance(&first, &again("resumed", true)), unet_distance(&first, &again("fresh", false)));
+    assert!(resumed > 0.0 && resumed < 0.01 && fresh > 0.1, "moved {resumed} resumed, {fresh} started afresh");
+
+    std::fs::remove_file(first.join("unet/diffusion_pytorch_model.safetensors")).expect("remove");
+    let err = train::train_denoiser(&first, Variant::Flow, &TrainOptions { resume: true, ..opts }, &mut |_, _, _, _| {})
+        .expect_err("nothing to resume")
+        .to_string();
+    assert!(err.contains("unet/diffusion_pytorch_model.safetensors"), "{err}");
+}

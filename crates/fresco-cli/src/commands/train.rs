@@ -29,6 +29,11 @@ pub struct Args {
     /// Reuse the text encoder of an existing model folder instead of training one.
     #[arg(long)]
     text_from: Option<PathBuf>,
+    /// Continue the U-Nets of an earlier run instead of starting fresh ones: the folder that holds its
+    /// `fresco-tiny/` and `fresco-tiny-flow/`, as `--out` lays them out. Each trains `--steps` more, on a
+    /// schedule of its own (warm-up and cosine decay again, from `--lr`).
+    #[arg(long)]
+    unet_from: Option<PathBuf>,
     /// Steps of the text encoder's training (before the denoisers; text only, minutes).
     #[arg(long, default_value_t = TrainOptions::default().text.steps)]
     text_steps: usize,
@@ -191,6 +196,7 @@ fn options(args: &Args) -> TrainOptions {
         layout_subcells: args.layout_subcells,
         layout_top_weight: args.layout_top_weight,
         layout_centre_weight: args.layout_centre_weight,
+        resume: args.unet_from.is_some(),
         device: args.device.clone(),
         ..defaults
     }
@@ -384,7 +390,16 @@ fn prepare_model(args: &Args, opts: &TrainOptions, variant: Variant, vae_dir: &P
     let (steps, guidance) = recipe(variant);
     train::write_skeleton(&dir, variant, opts, &args.tokenizer, steps, guidance).with_context(|| format!("writing {}", dir.display()))?;
     copy_dir(vae_dir, &dir.join("vae"))?;
-    copy_dir(text_dir, &dir.join("text_encoder"))
+    copy_dir(text_dir, &dir.join("text_encoder"))?;
+    if let Some(from) = &args.unet_from {
+        let weights = Path::new("unet/diffusion_pytorch_model.safetensors");
+        let (src, dst) = (from.join(variant.folder()).join(weights), dir.join(weights));
+        // Continuing a run in its own folder: the weights are already where they belong.
+        if src != dst {
+            std::fs::copy(&src, &dst).with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Prints how much of the scenes' content survives the autoencoder, and writes sample pairs.
@@ -430,6 +445,9 @@ fn child_args(args: &Args, part: Part, vae_dir: &Path) -> Vec<OsString> {
             flag("layout-subcells", args.layout_subcells.to_string().into());
             flag("layout-top-weight", args.layout_top_weight.to_string().into());
             flag("layout-centre-weight", args.layout_centre_weight.to_string().into());
+            if let Some(from) = &args.unet_from {
+                flag("unet-from", from.clone().into());
+            }
         }
         Part::Decoder => {
             flag("decoder-of", dir);
@@ -542,7 +560,7 @@ mod tests {
     #[test]
     fn child_processes_get_the_parents_settings() {
         let line = "train --out /tmp/m --seed 7 --tokenizer /tmp/tok --steps 9 --batch 3 --lr 0.002 --pool 5 \
-                    --decoder-steps 11 --decoder-batch 4 --latent-noise 0.25 --tune-steps 12 --tune-pool 6 --tune-strength 0.5 --tune-lr 0.003 --flow-shift 2.5 --beta-end 0.03 --layout-weight 0.2 --layout-subcells 2 --layout-top-weight 0.4 --layout-centre-weight 0.3 --vae-channels 8,8,16,16 --latent-channels 4 --unet-channels 16,32 --test-arch";
+                    --decoder-steps 11 --decoder-batch 4 --latent-noise 0.25 --tune-steps 12 --tune-pool 6 --tune-strength 0.5 --tune-lr 0.003 --flow-shift 2.5 --beta-end 0.03 --layout-weight 0.2 --layout-subcells 2 --layout-top-weight 0.4 --layout-centre-weight 0.3 --vae-channels 8,8,16,16 --latent-channels 4 --unet-channels 16,32 --unet-from /tmp/prev --test-arch";
         let parent = parse(line.split(' ').map(OsString::from));
         let vae = Path::new("/tmp/m/.vae/vae");
         let same = |c: &Args| {
@@ -561,6 +579,8 @@ mod tests {
                 && (flow.flow_shift, flow.beta_end, flow.layout_weight, flow.layout_subcells, flow.layout_top_weight)
                     == (2.5, 0.03, 0.2, 2, 0.4)
                 && flow.layout_centre_weight == 0.3
+                && options(&flow).resume
+                && flow.unet_from.as_deref() == Some(Path::new("/tmp/prev"))
                 && (flow.decoder_of.is_none() && flow.tune_decoder_of.is_none())
         );
         let decoder = parse(child_args(&parent, Part::Decoder, vae));
