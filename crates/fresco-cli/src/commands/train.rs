@@ -31,7 +31,8 @@ pub struct Args {
     text_from: Option<PathBuf>,
     /// Continue the U-Nets of an earlier run instead of starting fresh ones: the folder that holds its
     /// `fresco-tiny/` and `fresco-tiny-flow/`, as `--out` lays them out. Each trains `--steps` more, on a
-    /// schedule of its own (warm-up and cosine decay again, from `--lr`).
+    /// schedule of its own (warm-up and cosine decay again, from `--lr`), on the autoencoder and text
+    /// encoder it learnt, which `--vae-from` and `--text-from` must name.
     #[arg(long)]
     unet_from: Option<PathBuf>,
     /// Steps of the text encoder's training (before the denoisers; text only, minutes).
@@ -238,6 +239,7 @@ fn run_on_pool(args: Args) -> anyhow::Result<()> {
     if let Some(dir) = &args.tune_decoder_of {
         return tune(dir, &opts, &mut progress);
     }
+    check_continuation(&args)?;
     // `--vae-from` names a model folder; a freshly trained autoencoder goes into one of its own.
     let (vae_dir, fresh) = match &args.vae_from {
         Some(dir) => (dir.join("vae"), false),
@@ -287,6 +289,16 @@ fn run_on_pool(args: Args) -> anyhow::Result<()> {
         run_parts(&args, &opts, &tunes, &vae_dir, &mut progress)?;
     }
     eprintln!("done in {:.0} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// A U-Net learnt one autoencoder's latents and one text encoder's states, so continuing it on freshly
+/// trained ones (which a rerun does not reproduce to the bit) would spend an hour on a mismatch: with
+/// `--unet-from`, both must come from existing folders.
+fn check_continuation(args: &Args) -> anyhow::Result<()> {
+    if args.unet_from.is_some() && (args.vae_from.is_none() || args.text_from.is_none()) {
+        anyhow::bail!("--unet-from continues U-Nets on the autoencoder and text encoder they learnt: give --vae-from and --text-from too");
+    }
     Ok(())
 }
 
@@ -546,6 +558,17 @@ mod tests {
         for (flag, value) in cases {
             let err = validate(&options(&parse(["train".into(), format!("{flag}={value}").into()]))).expect_err(flag).to_string();
             assert!(err.starts_with(&format!("{flag}: ")), "{flag} {value}: {err}");
+        }
+    }
+
+    #[test]
+    fn continued_unets_need_the_parts_they_learnt() {
+        let check = |line: &str| check_continuation(&parse(line.split(' ').map(OsString::from)));
+        assert!(check("train").is_ok());
+        assert!(check("train --unet-from m --vae-from m/fresco-tiny --text-from m/fresco-tiny").is_ok());
+        for line in ["train --unet-from m", "train --unet-from m --vae-from m/fresco-tiny", "train --unet-from m --text-from m/fresco-tiny"]
+        {
+            assert!(check(line).expect_err(line).to_string().starts_with("--unet-from"), "{line}");
         }
     }
 
