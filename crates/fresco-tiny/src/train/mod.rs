@@ -119,10 +119,8 @@ pub struct TrainOptions {
     pub layout_centre_weight: f64,
     /// Start each U-Net from the weights already in its model folder (`unet/`) instead of a fresh
     /// initialisation, and train it for [`TrainOptions::denoiser`] more steps on a schedule of its own:
-    /// a run that continues an earlier one, for as long again as a CPU hour allows. A second hour of
-    /// session 31's U-Nets (17,000 steps from a peak of 5·10⁻⁴) gave fresco-tiny 79.2% → 80.8% of one-object
-    /// and 46.0% → 54.2% of two-object prompts right, fresco-tiny-flow 77.2% → 80.8% and 43.8% → 50.2%
-    /// (decoders tuned; models/README.md).
+    /// a run that continues an earlier one, for as long again as a CPU hour allows. The committed U-Nets
+    /// had a second and a third hour this way, worth 2–8 points each (models/README.md).
     pub resume: bool,
     pub device: DeviceSpec,
 }
