@@ -120,7 +120,7 @@ pub struct TrainOptions {
     /// Start each U-Net from the weights already in its model folder (`unet/`) instead of a fresh
     /// initialisation, and train it for [`TrainOptions::denoiser`] more steps on a schedule of its own:
     /// a run that continues an earlier one, for as long again as a CPU hour allows. The committed U-Nets
-    /// had a second and a third hour this way, worth 2–8 points each (models/README.md).
+    /// had a second, a third and a fourth hour this way, each worth less than the one before (models/README.md).
     pub resume: bool,
     pub device: DeviceSpec,
 }
