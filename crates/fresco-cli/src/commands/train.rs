@@ -406,10 +406,7 @@ fn prepare_model(args: &Args, opts: &TrainOptions, variant: Variant, vae_dir: &P
     if let Some(from) = &args.unet_from {
         let weights = Path::new("unet/diffusion_pytorch_model.safetensors");
         let (src, dst) = (from.join(variant.folder()).join(weights), dir.join(weights));
-        // Continuing a run in its own folder: the weights are already where they belong.
-        if !same_place(&src, &dst) {
-            std::fs::copy(&src, &dst).with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
-        }
+        train::copy_file(&src, &dst).with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
     }
     Ok(())
 }
@@ -498,22 +495,13 @@ fn child_args(args: &Args, part: Part, vae_dir: &Path) -> Vec<OsString> {
     out
 }
 
-/// Whether two paths name the same file or folder however they are spelt (`models` and `m/../models`):
-/// copying a file onto itself truncates it.
-fn same_place(a: &Path, b: &Path) -> bool {
-    a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b)
-}
-
 fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
-    if same_place(from, to) {
-        return Ok(());
-    }
     std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
     for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
         let path = entry.with_context(|| format!("reading {}", from.display()))?.path();
         if path.is_file() {
             let name = path.file_name().unwrap_or_default();
-            std::fs::copy(&path, to.join(name)).with_context(|| format!("copying {}", path.display()))?;
+            train::copy_file(&path, &to.join(name)).with_context(|| format!("copying {}", path.display()))?;
         }
     }
     Ok(())
@@ -565,15 +553,6 @@ mod tests {
             let err = validate(&options(&parse(["train".into(), format!("{flag}={value}").into()]))).expect_err(flag).to_string();
             assert!(err.starts_with(&format!("{flag}: ")), "{flag} {value}: {err}");
         }
-    }
-
-    #[test]
-    fn a_path_spelt_another_way_is_the_same_place() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("w"), b"weights").expect("write");
-        std::fs::create_dir(dir.path().join("sub")).expect("mkdir");
-        assert!(same_place(&dir.path().join("w"), &dir.path().join("sub/../w")));
-        assert!(!same_place(&dir.path().join("w"), &dir.path().join("v")));
     }
 
     #[test]

@@ -232,6 +232,20 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     std::fs::write(path, text + "\n").map_err(|e| TinyError::io(path, e))
 }
 
+/// Copies a file, doing nothing when `to` is `from` however the two are spelt (`models` and
+/// `m/../models`): `fs::copy` onto the file itself truncates it first, and `fresco train` is often pointed
+/// back at the folder it reads from (`--out models --unet-from models`).
+pub fn copy_file(from: &Path, to: &Path) -> Result<()> {
+    if same_place(from, to) {
+        return Ok(());
+    }
+    std::fs::copy(from, to).map(drop).map_err(|e| TinyError::io(from, e))
+}
+
+fn same_place(a: &Path, b: &Path) -> bool {
+    a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b)
+}
+
 /// Writes a model folder's configs and copies the CLIP tokenizer (vocab.json + merges.txt) into it;
 /// weights come from training.
 pub fn write_skeleton(dir: &Path, variant: Variant, opts: &TrainOptions, tokenizer: &Path, steps: usize, guidance: f64) -> Result<()> {
@@ -248,8 +262,7 @@ fn write_tokenizer(dir: &Path, opts: &TrainOptions, tokenizer: &Path) -> Result<
     let tok = dir.join("tokenizer");
     std::fs::create_dir_all(&tok).map_err(|e| TinyError::io(&tok, e))?;
     for f in ["vocab.json", "merges.txt", "special_tokens_map.json"] {
-        let from = tokenizer.join(f);
-        std::fs::copy(&from, tok.join(f)).map_err(|e| TinyError::io(&from, e))?;
+        copy_file(&tokenizer.join(f), &tok.join(f))?;
     }
     let mut config: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(tokenizer.join("tokenizer_config.json"))
@@ -860,6 +873,17 @@ pub fn train_denoiser(dir: &Path, variant: Variant, opts: &TrainOptions, progres
 mod tests {
     use super::*;
     use candle_nn::Init;
+
+    #[test]
+    fn a_path_spelt_another_way_is_the_same_place() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("w"), b"weights").expect("write");
+        std::fs::create_dir(dir.path().join("sub")).expect("mkdir");
+        assert!(same_place(&dir.path().join("w"), &dir.path().join("sub/../w")));
+        assert!(!same_place(&dir.path().join("w"), &dir.path().join("v")));
+        copy_file(&dir.path().join("w"), &dir.path().join("sub/../w")).expect("copy onto itself");
+        assert_eq!(std::fs::read(dir.path().join("w")).expect("read"), b"weights");
+    }
 
     /// The check catches exactly the failure candle's fused kernels cause, and passes fresco's own ops.
     #[test]
