@@ -53,7 +53,7 @@ enum Command {
     /// Export a job as a Parquet manifest or WebDataset shards.
     Export(export::Args),
     /// Train the bundled fresco-tiny models (diffusion and flow variants) on procedural shapes.
-    Train(Box<train::Args>),
+    Train(train::Args),
     /// Measure fresco-tiny models' prompt adherence on held-out prompts at several step counts.
     Eval(eval::Args),
 }
@@ -76,7 +76,7 @@ fn main() -> std::process::ExitCode {
     }
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
-        Command::Train(args) => train::run(*args),
+        Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
         command => match tokio::runtime::Runtime::new() {
             Ok(rt) => rt.block_on(async move {

@@ -108,11 +108,6 @@ pub struct Args {
     /// Child process: only train the U-Net (`--variant`) of this model folder, which the parent prepared.
     #[arg(long, hide = true)]
     denoiser_of: Option<PathBuf>,
-    /// Only double the channels of this finished model folder's autoencoder at full resolution, where
-    /// small shapes are drawn (in place). Its latents stay what the U-Net learnt, and the decoder draws the
-    /// same images until `--tune-decoder-of` trains the new channels.
-    #[arg(long)]
-    widen_autoencoder_of: Option<PathBuf>,
     /// Only tune the decoder of this finished model folder on its own denoiser's samples (in place).
     #[arg(long)]
     tune_decoder_of: Option<PathBuf>,
@@ -240,12 +235,6 @@ fn run_on_pool(args: Args) -> anyhow::Result<()> {
             anyhow::bail!("--denoiser-of trains one U-Net: give --variant diffusion or flow");
         };
         return Part::Denoiser(variant).train(dir, &opts, &mut progress);
-    }
-    if let Some(dir) = &args.widen_autoencoder_of {
-        let vae = dir.join("vae");
-        train::widen_full_resolution(&vae, args.seed).with_context(|| format!("widening the autoencoder in {}", vae.display()))?;
-        eprintln!("{}: full-resolution level widened; tune its decoder next (--tune-decoder-of)", vae.display());
-        return Ok(());
     }
     if let Some(dir) = &args.tune_decoder_of {
         return tune(dir, &opts, &mut progress);
@@ -525,7 +514,7 @@ mod tests {
 
     fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Args {
         match crate::Cli::try_parse_from(std::iter::once(OsString::from("fresco")).chain(args)).expect("parses").command {
-            crate::Command::Train(a) => *a,
+            crate::Command::Train(a) => a,
             _ => panic!("not a train command"),
         }
     }

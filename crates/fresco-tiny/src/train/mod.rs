@@ -26,11 +26,9 @@ use crate::rng::Rng;
 
 mod layout;
 mod text;
-mod widen;
 
 use layout::{Auxiliary, Level, Target};
 pub use text::train_text_encoder;
-pub use widen::widen_full_resolution;
 
 /// One optimisation run: steps, batch and peak learning rate (linear warm-up, cosine decay to a tenth).
 #[derive(Debug, Clone, Copy, PartialEq)]
