@@ -108,7 +108,9 @@ pub struct Args {
     /// Child process: only train the U-Net (`--variant`) of this model folder, which the parent prepared.
     #[arg(long, hide = true)]
     denoiser_of: Option<PathBuf>,
-    /// Only tune the decoder of this finished model folder on its own denoiser's samples (in place).
+    /// Only tune the decoder of this finished model folder on its own denoiser's samples (in place). The
+    /// samples come from `--seed`: tuning a decoder again wants a seed of its own, since the same one
+    /// samples the same scenes again.
     #[arg(long)]
     tune_decoder_of: Option<PathBuf>,
     /// Steps of that tuning.
