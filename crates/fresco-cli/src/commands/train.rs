@@ -138,7 +138,7 @@ enum Which {
 fn recipe(variant: Variant) -> (usize, f64) {
     match variant {
         Variant::Diffusion => (20, 4.0),
-        Variant::Flow => (8, 3.0),
+        Variant::Flow => (8, 3.5),
     }
 }
 
