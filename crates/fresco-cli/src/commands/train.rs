@@ -135,6 +135,8 @@ enum Which {
 }
 
 /// Sampling recipe written into each model's `_fresco_defaults` (steps, guidance).
+/// The values are what `fresco eval` sweeps on trained weights chose (models/README.md: "Sampling
+/// choices on today's weights", "The flow model's guidance on today's weights").
 fn recipe(variant: Variant) -> (usize, f64) {
     match variant {
         Variant::Diffusion => (20, 4.0),
