@@ -12,7 +12,8 @@ pub const MAX_STEPS: u32 = 1000;
 pub const MAX_SIDE: u32 = 4096;
 pub const MAX_GUIDANCE: f32 = 100.0;
 /// Scheduler names accepted on input; `None` means the model's own scheduler.
-pub const SCHEDULERS: [&str; 8] = ["ddim", "pndm", "euler", "euler-ancestral", "dpmpp-2m", "dpmpp-2m-karras", "lcm", "flow-euler"];
+pub const SCHEDULERS: [&str; 9] =
+    ["ddim", "pndm", "euler", "euler-ancestral", "dpmpp-2m", "dpmpp-2m-karras", "lcm", "flow-euler", "flow-euler-ancestral"];
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{field}: {message}")]

@@ -312,10 +312,10 @@ impl Pipeline {
         let scheduler_dir = dir.component("scheduler")?;
         let scheduler_config = Config::load(&scheduler_dir.join("scheduler_config.json"))?;
         let class = scheduler_config.opt_str("_class_name")?.or(dir.component_class("scheduler")).unwrap_or("PNDMScheduler").to_string();
-        let default_scheduler = SchedulerKind::from_class(&class, &scheduler_config.path)?;
+        let class_scheduler = SchedulerKind::from_class(&class, &scheduler_config.path)?;
         // Transformer families are flow models only. A U-Net may be either: with a flow-matching scheduler
         // it is read as a rectified flow predicting velocity (fresco-tiny-flow is one).
-        if !default_scheduler.is_flow() && matches!(family, Family::StableDiffusion3 | Family::Flux) {
+        if !class_scheduler.is_flow() && matches!(family, Family::StableDiffusion3 | Family::Flux) {
             return Err(PipelineError::config(&scheduler_config.path, format!("scheduler {class} does not fit a {} model", family.name())));
         }
         let force_zeros_for_empty_prompt = dir.flag("force_zeros_for_empty_prompt").unwrap_or(family == Family::StableDiffusionXl);
@@ -332,7 +332,7 @@ impl Pipeline {
         let turbo = name.to_ascii_lowercase().contains("turbo");
         // FLUX schnell (no guidance embedding) is distilled for 4 steps; dev runs 28 at guidance 3.5.
         let flux_dev = matches!(&denoiser, Denoiser::Flux(f) if f.config.guidance_embeds);
-        let flow_unet = default_scheduler.is_flow() && matches!(family, Family::StableDiffusion | Family::StableDiffusionXl);
+        let flow_unet = class_scheduler.is_flow() && matches!(family, Family::StableDiffusion | Family::StableDiffusionXl);
         let defaults = ModelDefaults {
             steps: match (turbo, family) {
                 (true, _) => 1,
@@ -363,7 +363,7 @@ impl Pipeline {
             width: side,
             height: side,
         };
-        let defaults = model_defaults(&dir, defaults)?;
+        let (defaults, default_scheduler) = model_defaults(&dir, defaults, class_scheduler)?;
         tracing::info!(model = %name, family = family.name(), scheduler = default_scheduler.name(), "model loaded");
         Ok(Self {
             family,
@@ -442,9 +442,9 @@ impl Pipeline {
             return Err(PipelineError::param(
                 "scheduler",
                 if scheduler.is_flow() {
-                    "flow-euler is for flow-matching models (SD3, FLUX)"
+                    "flow-euler and flow-euler-ancestral are for flow-matching models (SD3, FLUX)"
                 } else {
-                    "flow-matching models (SD3, FLUX) sample with flow-euler"
+                    "flow-matching models (SD3, FLUX) sample with flow-euler or flow-euler-ancestral"
                 },
             ));
         }
@@ -687,9 +687,12 @@ impl Pipeline {
 }
 
 /// A model may state its own sampling recipe in `model_index.json` under `_fresco_defaults`
-/// (`{"steps": 20, "guidance": 4.0}`); diffusers ignores keys that start with an underscore.
-fn model_defaults(dir: &ModelDir, family_defaults: ModelDefaults) -> Result<ModelDefaults> {
-    let Some(own) = dir.index.get("_fresco_defaults") else { return Ok(family_defaults) };
+/// (`{"steps": 20, "guidance": 4.0}`); diffusers ignores keys that start with an underscore. Its
+/// `scheduler`, one of `--scheduler`'s names, lets a model sample with one of fresco's own schedulers
+/// (`flow-euler-ancestral`) that no diffusers class names; it must fit the folder's scheduler class, which
+/// diffusers goes on using.
+fn model_defaults(dir: &ModelDir, family_defaults: ModelDefaults, class: SchedulerKind) -> Result<(ModelDefaults, SchedulerKind)> {
+    let Some(own) = dir.index.get("_fresco_defaults") else { return Ok((family_defaults, class)) };
     let index = Config::from_value(&dir.root.join("model_index.json"), own.clone());
     let bad = |key: &str, v: String| PipelineError::config(&index.path, format!("_fresco_defaults.{key}: {v}"));
     let steps = index.usize_or("steps", family_defaults.steps)?;
@@ -700,7 +703,17 @@ fn model_defaults(dir: &ModelDir, family_defaults: ModelDefaults) -> Result<Mode
     if !guidance.is_finite() || guidance < 0.0 {
         return Err(bad("guidance", format!("must be a non-negative number, got {guidance}")));
     }
-    Ok(ModelDefaults { steps, guidance, ..family_defaults })
+    let scheduler = match index.opt_str("scheduler")? {
+        None => class,
+        Some(name) => {
+            let kind = SchedulerKind::from_name(name).map_err(|e| bad("scheduler", e.to_string()))?;
+            if kind.is_flow() != class.is_flow() {
+                return Err(bad("scheduler", format!("{name} does not fit the scheduler class {}", class.name())));
+            }
+            kind
+        }
+    };
+    Ok((ModelDefaults { steps, guidance, ..family_defaults }, scheduler))
 }
 
 struct Encoded {

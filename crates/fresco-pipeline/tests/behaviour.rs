@@ -212,8 +212,9 @@ fn sharded_and_fp16_weights_load() {
     assert!(max <= 8, "fp16 weights moved a pixel by {max}");
 }
 
-/// A model may state its own recipe in `model_index.json`; a U-Net with a flow-matching scheduler is
-/// read as a rectified flow (fresco-tiny-flow is one); transformer families stay flow-only.
+/// A model may state its own recipe in `model_index.json`, its scheduler among it when that fits the
+/// folder's scheduler class; a U-Net with a flow-matching scheduler is read as a rectified flow
+/// (fresco-tiny-flow is one); transformer families stay flow-only.
 #[test]
 fn model_defaults_and_flow_unets() {
     let tmp = tempfile::tempdir().unwrap();
@@ -231,6 +232,13 @@ fn model_defaults_and_flow_unets() {
     assert!(e.contains("model_index.json") && e.contains("steps"), "{e}");
     with(r#"{"guidance": "lots"}"#);
     assert!(load_err(&model).contains("guidance"));
+    with(r#"{"scheduler": "euler-ancestral"}"#);
+    assert_eq!(Pipeline::load(&model, &DeviceSpec::Cpu).unwrap().default_scheduler().name(), "euler-ancestral");
+    for wrong in ["flow-euler-ancestral", "warp"] {
+        with(&format!(r#"{{"scheduler": "{wrong}"}}"#));
+        let e = load_err(&model);
+        assert!(e.contains("model_index.json") && e.contains("_fresco_defaults.scheduler") && e.contains(wrong), "{e}");
+    }
     std::fs::write(&index, &original).unwrap();
 
     std::fs::write(
@@ -246,6 +254,13 @@ fn model_defaults_and_flow_unets() {
     assert!(
         matches!(flow.generate(&Request { scheduler: Some("ddim".into()), ..r.clone() }), Err(PipelineError::InvalidParam { field, .. }) if field == "scheduler")
     );
+    with(r#"{"scheduler": "flow-euler-ancestral"}"#);
+    let ancestral = Pipeline::load(&model, &DeviceSpec::Cpu).unwrap();
+    assert_eq!(ancestral.default_scheduler().name(), "flow-euler-ancestral");
+    let b = ancestral.generate(&r).unwrap();
+    assert_eq!(b, ancestral.generate(&r).unwrap(), "seeded noise makes the ancestral flow reproducible");
+    assert_ne!(a, b, "the ancestral steps draw noise the ODE does not");
+    assert_eq!(a, ancestral.generate(&Request { scheduler: Some("flow-euler".into()), ..r.clone() }).unwrap());
 
     let sd3 = tmp.path().join("sd3");
     copy_dir(&fixture("tiny-sd3"), &sd3);

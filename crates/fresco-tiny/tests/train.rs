@@ -85,6 +85,8 @@ fn trained_models_load_and_sample_through_the_pipeline() {
         // The model's own recipe from `_fresco_defaults`.
         assert_eq!((pipe.defaults().steps, pipe.defaults().guidance), (3, 2.0));
         assert_eq!((pipe.defaults().width, pipe.defaults().height), (64, 64));
+        let ancestral = if dir.ends_with("fresco-tiny-flow") { "flow-euler-ancestral" } else { "euler-ancestral" };
+        assert_eq!(pipe.default_scheduler().name(), ancestral, "{}", dir.display());
         let images =
             pipe.generate(&Request::new(vec!["a red circle".into(), "two blue squares on the left".into()], vec![1, 2])).expect("generate");
         assert_eq!(images.len(), 2);

@@ -19,7 +19,8 @@ pub struct Args {
     steps: Option<usize>,
     #[arg(long)]
     guidance: Option<f64>,
-    /// ddim, pndm, euler, euler-ancestral, dpmpp-2m, dpmpp-2m-karras, lcm (default: the model's own).
+    /// ddim, pndm, euler, euler-ancestral, dpmpp-2m, dpmpp-2m-karras, lcm; flow-euler or flow-euler-ancestral for
+    /// flow-matching models (default: the model's own).
     #[arg(long)]
     scheduler: Option<String>,
     #[arg(long)]

@@ -21,7 +21,8 @@ pub struct GenOptions {
     width: Option<u32>,
     #[arg(long)]
     height: Option<u32>,
-    /// ddim, pndm, euler, euler-ancestral, dpmpp-2m, dpmpp-2m-karras, lcm.
+    /// ddim, pndm, euler, euler-ancestral, dpmpp-2m, dpmpp-2m-karras, lcm; flow-euler or flow-euler-ancestral for
+    /// flow-matching models.
     #[arg(long)]
     scheduler: Option<String>,
     #[arg(long)]

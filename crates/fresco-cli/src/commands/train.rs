@@ -137,11 +137,11 @@ enum Which {
 /// Sampling recipe written into each model's `_fresco_defaults` (steps, guidance).
 /// The values are what `fresco eval` sweeps on trained weights chose (models/README.md: "Sampling
 /// choices on today's weights", "The flow model's guidance on today's weights", "The flow model's
-/// default steps").
+/// default steps", "Ancestral sampling").
 fn recipe(variant: Variant) -> (usize, f64) {
     match variant {
         Variant::Diffusion => (20, 4.0),
-        Variant::Flow => (12, 3.5),
+        Variant::Flow => (16, 3.5),
     }
 }
 

@@ -1,5 +1,7 @@
 //! Flow-matching Euler (`FlowMatchEulerDiscreteScheduler`) for SD3 and FLUX: a deterministic ODE from noise
-//! (sigma = 1) to data (sigma = 0), with a static shift (SD3) or a resolution-dependent one (FLUX dev).
+//! (sigma = 1) to data (sigma = 0), with a static shift (SD3) or a resolution-dependent one (FLUX dev). Two
+//! stochastic forms re-noise each step's clean estimate: diffusers' `stochastic_sampling`, with fresh noise
+//! alone, and fresco's `flow-euler-ancestral`, Euler ancestral carried over to the flow's straight line.
 
 use candle_core::Tensor;
 
@@ -37,14 +39,16 @@ pub fn static_shift(sigma: f64, shift: f64) -> f64 {
 pub struct FlowEuler {
     timesteps: Vec<f64>,
     sigmas: Vec<f64>,
+    stochastic: bool,
+    ancestral: bool,
 }
 
 impl FlowEuler {
-    pub fn new(config: &Config, steps: usize, shift: Option<&FlowShift>) -> Result<Self> {
+    pub fn new(config: &Config, steps: usize, shift: Option<&FlowShift>, ancestral: bool) -> Result<Self> {
         let n = config.usize_or("num_train_timesteps", 1000)? as f64;
         let s = config.f64_or("shift", 1.0)?;
         let dynamic = config.bool_or("use_dynamic_shifting", false)?;
-        for key in ["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas", "stochastic_sampling"] {
+        for key in ["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas"] {
             if config.bool_or(key, false)? {
                 return Err(PipelineError::config(&config.path, format!("{key} is not supported")));
             }
@@ -77,7 +81,7 @@ impl FlowEuler {
         let timesteps = sigmas.iter().map(|x| x * n).collect();
         let mut sigmas = sigmas;
         sigmas.push(0.0);
-        Ok(Self { timesteps, sigmas })
+        Ok(Self { timesteps, sigmas, stochastic: config.bool_or("stochastic_sampling", false)?, ancestral })
     }
 }
 
@@ -96,8 +100,28 @@ impl Scheduler for FlowEuler {
         1.0
     }
 
-    fn step(&mut self, out: &Tensor, step: usize, sample: &Tensor, _noise: &mut NoiseStreams) -> candle_core::Result<Tensor> {
-        axpby(1.0, sample, self.sigmas[step + 1] - self.sigmas[step], out)
+    fn step(&mut self, out: &Tensor, step: usize, sample: &Tensor, noise: &mut NoiseStreams) -> candle_core::Result<Tensor> {
+        let (sigma, next) = (self.sigmas[step], self.sigmas[step + 1]);
+        if !self.stochastic && !self.ancestral {
+            return axpby(1.0, sample, next - sigma, out);
+        }
+        // The velocity points from data to noise, so the clean estimate is σ of it back from the sample;
+        // that estimate is put on the line again at the next level.
+        let x0 = axpby(1.0, sample, -sigma, out)?;
+        let z = noise.next(sample.shape().dims(), sample.device())?.to_dtype(sample.dtype())?;
+        if !self.ancestral {
+            // diffusers' stochastic_sampling: with fresh noise alone. (Asked for by name, the ancestral
+            // form below takes precedence over the config's flag.)
+            return axpby(1.0 - next, &x0, next, &z);
+        }
+        // Divided by 1 − σ the line is the variance-exploding form x0 + s·ε with s = σ / (1 − σ), where
+        // Euler ancestral keeps the share r = s_next / s of the predicted noise and draws the rest afresh
+        // (k-diffusion's σ_down = s_next·r, σ_up = s_next·√(1 − r²)). r is 0 from σ = 1, where the sample is
+        // all noise, and at the last step, where the next level is the data.
+        let eps = axpby(1.0, sample, 1.0 - sigma, out)?;
+        let r = if sigma >= 1.0 || next <= 0.0 { 0.0 } else { next * (1.0 - sigma) / (sigma * (1.0 - next)) };
+        let renoised = axpby(r, &eps, (1.0 - r * r).max(0.0).sqrt(), &z)?;
+        axpby(1.0 - next, &x0, next, &renoised)
     }
 }
 
@@ -105,6 +129,10 @@ impl Scheduler for FlowEuler {
 mod tests {
     use super::*;
     use std::path::Path;
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
 
     #[test]
     fn a_static_shift_keeps_the_ends_and_moves_the_middle_toward_noise() {
@@ -118,6 +146,68 @@ mod tests {
             assert_eq!(shifted[50] > 0.5, s > 1.0, "shift {s} at 0.5: {}", shifted[50]);
         }
         assert!((static_shift(0.5, 2.0) - 2.0 / 3.0).abs() < 1e-15);
+    }
+
+    /// With a perfect velocity the stochastic step lands on the next level's line through the true clean
+    /// latent, with the noise stream's next draw as its noise; the last step returns the clean latent.
+    #[test]
+    fn stochastic_sampling_renoises_the_clean_estimate() {
+        let config = Config::from_value(Path::new("scheduler_config.json"), serde_json::json!({"stochastic_sampling": true}));
+        let mut s = FlowEuler::new(&config, 4, None, false).unwrap();
+        let dev = candle_core::Device::Cpu;
+        let x0 = Tensor::arange(0f32, 8.0, &dev).unwrap().reshape((1, 2, 2, 2)).unwrap();
+        let eps = NoiseStreams::new(&[1]).next(&[1, 2, 2, 2], &dev).unwrap();
+        let v = (&eps - &x0).unwrap();
+        let mut noise = NoiseStreams::new(&[9]);
+        let mut expected_noise = NoiseStreams::new(&[9]);
+        for step in 0..4 {
+            let (sigma, next) = (s.sigmas[step], s.sigmas[step + 1]);
+            let sample = axpby(1.0 - sigma, &x0, sigma, &eps).unwrap();
+            let got = s.step(&v, step, &sample, &mut noise).unwrap();
+            let z = expected_noise.next(&[1, 2, 2, 2], &dev).unwrap();
+            let want = axpby(1.0 - next, &x0, next, &z).unwrap();
+            assert!(max_abs_diff(&got, &want) < 1e-5, "step {step}, sigma {sigma} -> {next}");
+        }
+        assert_eq!(s.sigmas[4], 0.0, "the last step ends on the data");
+        // Off (the default), the same step is the deterministic Euler update, which draws no noise.
+        let mut ode = FlowEuler::new(&Config::from_value(Path::new("s.json"), serde_json::json!({})), 4, None, false).unwrap();
+        let sample = axpby(1.0 - ode.sigmas[0], &x0, ode.sigmas[0], &eps).unwrap();
+        let got = ode.step(&v, 0, &sample, &mut noise).unwrap();
+        let want = axpby(1.0 - ode.sigmas[1], &x0, ode.sigmas[1], &eps).unwrap();
+        assert!(max_abs_diff(&got, &want) < 1e-5);
+    }
+
+    /// Euler ancestral on the flow's line: with a perfect velocity each step lands on the next level's
+    /// line through the true clean latent, with unit-variance noise of which the share s_next / s
+    /// (s = σ / (1 − σ)) is the noise the sample carried; none from σ = 1, where the sample is all noise.
+    #[test]
+    fn the_ancestral_step_keeps_its_share_of_the_noise_and_stays_on_the_line() {
+        let mut s = FlowEuler::new(&Config::from_value(Path::new("s.json"), serde_json::json!({})), 4, None, true).unwrap();
+        let dev = candle_core::Device::Cpu;
+        let dims = [1, 4, 100, 100];
+        let x0 = NoiseStreams::new(&[1]).next(&dims, &dev).unwrap();
+        let mut noise = NoiseStreams::new(&[3]);
+        let stats = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f64::from).collect::<Vec<_>>();
+        for step in 0..4 {
+            let (sigma, next) = (s.sigmas[step], s.sigmas[step + 1]);
+            let eps = NoiseStreams::new(&[10 + step as u64]).next(&dims, &dev).unwrap();
+            let sample = axpby(1.0 - sigma, &x0, sigma, &eps).unwrap();
+            let got = s.step(&(&eps - &x0).unwrap(), step, &sample, &mut noise).unwrap();
+            if next == 0.0 {
+                let err = max_abs_diff(&got, &x0);
+                assert!(err < 1e-5, "the last step ends on the clean latent: {err}");
+                continue;
+            }
+            let n = stats(&(axpby(1.0, &got, -(1.0 - next), &x0).unwrap() / next).unwrap());
+            let e = stats(&eps);
+            let len = n.len() as f64;
+            let mean = n.iter().sum::<f64>() / len;
+            let var = n.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / len;
+            let kept = n.iter().zip(&e).map(|(a, b)| a * b).sum::<f64>() / len;
+            let want = if sigma >= 1.0 { 0.0 } else { (next / (1.0 - next)) / (sigma / (1.0 - sigma)) };
+            assert!(mean.abs() < 0.02 && (var - 1.0).abs() < 0.03, "step {step}: noise mean {mean}, variance {var}");
+            assert!((kept - want).abs() < 0.02, "step {step} ({sigma} -> {next}): kept {kept} of the noise, want {want}");
+        }
     }
 
     /// FLUX.1-dev's published scheduler config; expected values from diffusers 0.42.1 (`calculate_shift`,
@@ -136,7 +226,7 @@ mod tests {
             let got_mu = dynamic_shift_mu(&config, tokens).unwrap();
             assert!((got_mu - mu).abs() < 1e-12, "{tokens} tokens: mu {got_mu}");
             let ramp = (0..steps).map(|i| 1.0 - i as f64 * (1.0 - 1.0 / steps as f64) / (steps - 1) as f64).collect();
-            let s = FlowEuler::new(&config, steps, Some(&FlowShift { sigmas: Some(ramp), mu: Some(got_mu) })).unwrap();
+            let s = FlowEuler::new(&config, steps, Some(&FlowShift { sigmas: Some(ramp), mu: Some(got_mu) }), false).unwrap();
             assert_eq!(s.sigmas.len(), expected.len());
             for (a, b) in s.sigmas.iter().zip(expected) {
                 assert!((a - b).abs() < 1e-6, "{tokens} tokens, {steps} steps: {:?} vs {expected:?}", s.sigmas);

@@ -48,6 +48,9 @@ pub enum SchedulerKind {
     DpmPp2mKarras,
     Lcm,
     FlowEuler,
+    /// Flow-matching Euler with ancestral noise: fresco's own, named only by `--scheduler` or a model's
+    /// `_fresco_defaults` (no diffusers class samples a flow this way).
+    FlowEulerAncestral,
 }
 
 impl SchedulerKind {
@@ -61,6 +64,7 @@ impl SchedulerKind {
             "dpmpp-2m-karras" => Self::DpmPp2mKarras,
             "lcm" => Self::Lcm,
             "flow-euler" => Self::FlowEuler,
+            "flow-euler-ancestral" => Self::FlowEulerAncestral,
             other => return Err(PipelineError::param("scheduler", format!("unknown scheduler {other:?}"))),
         })
     }
@@ -88,11 +92,12 @@ impl SchedulerKind {
             Self::DpmPp2mKarras => "dpmpp-2m-karras",
             Self::Lcm => "lcm",
             Self::FlowEuler => "flow-euler",
+            Self::FlowEulerAncestral => "flow-euler-ancestral",
         }
     }
 
     pub fn is_flow(self) -> bool {
-        self == Self::FlowEuler
+        matches!(self, Self::FlowEuler | Self::FlowEulerAncestral)
     }
 
     /// Builds the schedule for `steps` evaluations. `flow_shift` carries the pipeline's resolution-dependent
@@ -109,7 +114,8 @@ impl SchedulerKind {
             Self::DpmPp2m => Box::new(dpm::DpmSolverPp2m::new(config, steps, false)?),
             Self::DpmPp2mKarras => Box::new(dpm::DpmSolverPp2m::new(config, steps, true)?),
             Self::Lcm => Box::new(lcm::Lcm::new(config, steps)?),
-            Self::FlowEuler => Box::new(flow::FlowEuler::new(config, steps, flow_shift)?),
+            Self::FlowEuler => Box::new(flow::FlowEuler::new(config, steps, flow_shift, false)?),
+            Self::FlowEulerAncestral => Box::new(flow::FlowEuler::new(config, steps, flow_shift, true)?),
         })
     }
 }
