@@ -141,7 +141,7 @@ enum Which {
 fn recipe(variant: Variant) -> (usize, f64) {
     match variant {
         Variant::Diffusion => (20, 4.0),
-        Variant::Flow => (16, 3.5),
+        Variant::Flow => (16, 3.0),
     }
 }
 
