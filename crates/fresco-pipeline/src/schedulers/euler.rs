@@ -2,7 +2,7 @@
 
 use candle_core::Tensor;
 
-use super::schedule::{interp, karras_sigmas, sigma_to_t, NoiseSchedule, Prediction, Spacing, DIFFUSERS_DEFAULTS};
+use super::schedule::{ancestral_shares, interp, karras_sigmas, sigma_to_t, NoiseSchedule, Prediction, Spacing, DIFFUSERS_DEFAULTS};
 use super::{axpby, Scheduler};
 use crate::error::{PipelineError, Result};
 use crate::loader::Config;
@@ -95,8 +95,8 @@ impl Scheduler for Euler {
             let dt = next - sigma;
             return axpby(1.0 + dt / sigma, sample, -dt / sigma, &x0);
         }
-        let sigma_up = (next * next * (sigma * sigma - next * next) / (sigma * sigma)).sqrt();
-        let sigma_down = (next * next - sigma_up * sigma_up).sqrt();
+        let (kept, fresh) = ancestral_shares(sigma, next);
+        let (sigma_down, sigma_up) = (next * kept, next * fresh);
         let dt = sigma_down - sigma;
         let prev = axpby(1.0 + dt / sigma, sample, -dt / sigma, &x0)?;
         let z = noise.next(sample.shape().dims(), sample.device())?.to_dtype(sample.dtype())?;

@@ -5,6 +5,7 @@
 
 use candle_core::Tensor;
 
+use super::schedule::ancestral_shares;
 use super::{axpby, Scheduler};
 use crate::error::{PipelineError, Result};
 use crate::loader::Config;
@@ -36,11 +37,21 @@ pub fn static_shift(sigma: f64, shift: f64) -> f64 {
     shift * sigma / (1.0 + (shift - 1.0) * sigma)
 }
 
+/// What a step does besides following the velocity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Renoise {
+    /// The ODE: none.
+    No,
+    /// diffusers' `stochastic_sampling`: the clean estimate on the next level's line with fresh noise alone.
+    Fresh,
+    /// fresco's `flow-euler-ancestral`: Euler ancestral's share of the sample's own noise kept.
+    Ancestral,
+}
+
 pub struct FlowEuler {
     timesteps: Vec<f64>,
     sigmas: Vec<f64>,
-    stochastic: bool,
-    ancestral: bool,
+    renoise: Renoise,
 }
 
 impl FlowEuler {
@@ -81,7 +92,13 @@ impl FlowEuler {
         let timesteps = sigmas.iter().map(|x| x * n).collect();
         let mut sigmas = sigmas;
         sigmas.push(0.0);
-        Ok(Self { timesteps, sigmas, stochastic: config.bool_or("stochastic_sampling", false)?, ancestral })
+        // Asked for by name, the ancestral form takes precedence over the config's flag.
+        let renoise = match (ancestral, config.bool_or("stochastic_sampling", false)?) {
+            (true, _) => Renoise::Ancestral,
+            (false, true) => Renoise::Fresh,
+            (false, false) => Renoise::No,
+        };
+        Ok(Self { timesteps, sigmas, renoise })
     }
 }
 
@@ -102,25 +119,23 @@ impl Scheduler for FlowEuler {
 
     fn step(&mut self, out: &Tensor, step: usize, sample: &Tensor, noise: &mut NoiseStreams) -> candle_core::Result<Tensor> {
         let (sigma, next) = (self.sigmas[step], self.sigmas[step + 1]);
-        if !self.stochastic && !self.ancestral {
+        if self.renoise == Renoise::No {
             return axpby(1.0, sample, next - sigma, out);
         }
         // The velocity points from data to noise, so the clean estimate is σ of it back from the sample;
         // that estimate is put on the line again at the next level.
         let x0 = axpby(1.0, sample, -sigma, out)?;
         let z = noise.next(sample.shape().dims(), sample.device())?.to_dtype(sample.dtype())?;
-        if !self.ancestral {
-            // diffusers' stochastic_sampling: with fresh noise alone. (Asked for by name, the ancestral
-            // form below takes precedence over the config's flag.)
+        if self.renoise == Renoise::Fresh {
             return axpby(1.0 - next, &x0, next, &z);
         }
         // Divided by 1 − σ the line is the variance-exploding form x0 + s·ε with s = σ / (1 − σ), where
-        // Euler ancestral keeps the share r = s_next / s of the predicted noise and draws the rest afresh
-        // (k-diffusion's σ_down = s_next·r, σ_up = s_next·√(1 − r²)). r is 0 from σ = 1, where the sample is
-        // all noise, and at the last step, where the next level is the data.
+        // Euler ancestral splits each step. s is infinite at σ = 1, where the sample is all noise and none
+        // of it is kept, and 0 at the data, where nothing is drawn.
+        let ve = |x: f64| x / (1.0 - x);
+        let (kept, fresh) = ancestral_shares(ve(sigma), ve(next));
         let eps = axpby(1.0, sample, 1.0 - sigma, out)?;
-        let r = if sigma >= 1.0 || next <= 0.0 { 0.0 } else { next * (1.0 - sigma) / (sigma * (1.0 - next)) };
-        let renoised = axpby(r, &eps, (1.0 - r * r).max(0.0).sqrt(), &z)?;
+        let renoised = axpby(kept, &eps, fresh, &z)?;
         axpby(1.0 - next, &x0, next, &renoised)
     }
 }

@@ -176,6 +176,15 @@ pub fn karras_sigmas(sigma_min: f64, sigma_max: f64, steps: usize) -> Vec<f64> {
         .collect()
 }
 
+/// Euler ancestral's split of a step from noise level `sigma` to `next` (k-diffusion's `get_ancestral_step`,
+/// eta 1), as the shares of `next`: r = next / sigma of the sample's own noise is kept (σ_down = next·r) and
+/// √(1 − r²) is drawn afresh (σ_up = next·√(1 − r²)). An infinite `sigma` (a flow's pure-noise start in
+/// variance-exploding form) keeps none.
+pub fn ancestral_shares(sigma: f64, next: f64) -> (f64, f64) {
+    let kept = next / sigma;
+    (kept, (1.0 - kept * kept).max(0.0).sqrt())
+}
+
 /// diffusers' `_sigma_to_t`: the (fractional) training timestep whose sigma is `sigma`, interpolating in
 /// log-sigma.
 pub fn sigma_to_t(sigma: f64, log_sigmas: &[f64]) -> f64 {
