@@ -190,6 +190,17 @@ impl Arch {
 pub const BETA_START: f64 = 0.00085;
 pub const TRAIN_TIMESTEPS: usize = 1000;
 
+/// How the diffusion variant's Euler ancestral renoises: it forgets the sample's noise twice as fast as
+/// Euler ancestral (each step keeps (σ_next / σ)², not σ_next / σ, of it) while noise outweighs signal,
+/// and draws none from σ = 1 down. The fresher noise lets more of the early steps revise a wrong layout;
+/// the steps below σ = 1 only sharpen what is laid out, and noise drawn there is left for the last few to
+/// clean up. On held-out prompts the pair added about two points, most of them two-object ones; the flow
+/// variant lost counts under the same floor (σ = ½ on its line) and keeps Euler ancestral's noise to the
+/// end (models/README.md, session 48).
+pub const ANCESTRAL_ETA: f64 = 2.0;
+/// The σ below which the diffusion variant's steps draw no noise (see [`ANCESTRAL_ETA`]).
+pub const ANCESTRAL_NOISE_FLOOR: f64 = 1.0;
+
 /// The scheduler the model ships: for the flow variant with the timestep shift it was trained with, for
 /// the diffusion variant with the betas it was trained with. The diffusion variant samples with Euler
 /// ancestral: the noise it adds back each step undoes some of the layout the U-Net commits to wrongly at
@@ -206,6 +217,8 @@ pub fn scheduler_config(variant: Variant, flow_shift: f64, beta_end: f64) -> Val
             "prediction_type": "epsilon",
             "steps_offset": 1,
             "timestep_spacing": "trailing",
+            (fresco_pipeline::schedulers::ANCESTRAL_ETA): ANCESTRAL_ETA,
+            (fresco_pipeline::schedulers::ANCESTRAL_SIGMA_MIN): ANCESTRAL_NOISE_FLOOR,
         }),
         Variant::Flow => json!({
             "_class_name": scheduler_class(variant),
@@ -244,4 +257,22 @@ pub fn model_index(variant: Variant, steps: usize, guidance: f64) -> Value {
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The committed model folders sample with the scheduler configs training writes by default, so a
+    /// retrained model samples as the shipped one does (the noise floor included).
+    #[test]
+    fn the_shipped_scheduler_configs_are_the_ones_training_writes() {
+        let defaults = crate::train::TrainOptions::default();
+        let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
+        for (variant, folder) in [(Variant::Diffusion, "fresco-tiny"), (Variant::Flow, "fresco-tiny-flow")] {
+            let path = models.join(folder).join("scheduler/scheduler_config.json");
+            let shipped: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("scheduler config")).expect("json");
+            assert_eq!(shipped, scheduler_config(variant, defaults.flow_shift, defaults.beta_end), "{}", path.display());
+        }
+    }
 }

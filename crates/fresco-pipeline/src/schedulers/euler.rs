@@ -2,7 +2,7 @@
 
 use candle_core::Tensor;
 
-use super::schedule::{ancestral_shares, interp, karras_sigmas, sigma_to_t, NoiseSchedule, Prediction, Spacing, DIFFUSERS_DEFAULTS};
+use super::schedule::{interp, karras_sigmas, sigma_to_t, AncestralNoise, NoiseSchedule, Prediction, Spacing, DIFFUSERS_DEFAULTS};
 use super::{axpby, Scheduler};
 use crate::error::{PipelineError, Result};
 use crate::loader::Config;
@@ -13,7 +13,8 @@ pub struct Euler {
     sigmas: Vec<f64>,
     init_sigma: f64,
     prediction: Prediction,
-    ancestral: bool,
+    /// Euler ancestral's noise; `None` for plain Euler.
+    ancestral: Option<AncestralNoise>,
 }
 
 impl Euler {
@@ -56,6 +57,7 @@ impl Euler {
             Spacing::Leading => (max_sigma * max_sigma + 1.0).sqrt(),
         };
         sigmas.push(final_sigma);
+        let ancestral = if ancestral { Some(AncestralNoise::from_config(config)?) } else { None };
         Ok(Self { timesteps, sigmas, init_sigma, prediction, ancestral })
     }
 }
@@ -91,11 +93,11 @@ impl Scheduler for Euler {
             Prediction::Sample => out.clone(),
         };
         // derivative = (sample - x0) / sigma; x_next = sample + derivative * dt
-        if !self.ancestral {
+        let Some(ancestral) = self.ancestral.filter(|a| a.draws_at(sigma)) else {
             let dt = next - sigma;
             return axpby(1.0 + dt / sigma, sample, -dt / sigma, &x0);
-        }
-        let (kept, fresh) = ancestral_shares(sigma, next);
+        };
+        let (kept, fresh) = ancestral.shares(sigma, next);
         let (sigma_down, sigma_up) = (next * kept, next * fresh);
         let dt = sigma_down - sigma;
         let prev = axpby(1.0 + dt / sigma, sample, -dt / sigma, &x0)?;

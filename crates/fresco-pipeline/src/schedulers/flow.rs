@@ -5,7 +5,7 @@
 
 use candle_core::Tensor;
 
-use super::schedule::ancestral_shares;
+use super::schedule::AncestralNoise;
 use super::{axpby, Scheduler};
 use crate::error::{PipelineError, Result};
 use crate::loader::Config;
@@ -38,14 +38,15 @@ pub fn static_shift(sigma: f64, shift: f64) -> f64 {
 }
 
 /// What a step does besides following the velocity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 enum Renoise {
     /// The ODE: none.
     No,
     /// diffusers' `stochastic_sampling`: the clean estimate on the next level's line with fresh noise alone.
     Fresh,
-    /// fresco's `flow-euler-ancestral`: Euler ancestral's share of the sample's own noise kept.
-    Ancestral,
+    /// fresco's `flow-euler-ancestral`: Euler ancestral's share of the sample's own noise kept (the ODE
+    /// on steps below its noise floor).
+    Ancestral(AncestralNoise),
 }
 
 pub struct FlowEuler {
@@ -94,7 +95,7 @@ impl FlowEuler {
         sigmas.push(0.0);
         // Asked for by name, the ancestral form takes precedence over the config's flag.
         let renoise = match (ancestral, config.bool_or("stochastic_sampling", false)?) {
-            (true, _) => Renoise::Ancestral,
+            (true, _) => Renoise::Ancestral(AncestralNoise::from_config(config)?),
             (false, true) => Renoise::Fresh,
             (false, false) => Renoise::No,
         };
@@ -119,21 +120,26 @@ impl Scheduler for FlowEuler {
 
     fn step(&mut self, out: &Tensor, step: usize, sample: &Tensor, noise: &mut NoiseStreams) -> candle_core::Result<Tensor> {
         let (sigma, next) = (self.sigmas[step], self.sigmas[step + 1]);
-        if self.renoise == Renoise::No {
+        let renoise = match self.renoise {
+            Renoise::Ancestral(a) if !a.draws_at(sigma) => Renoise::No,
+            r => r,
+        };
+        if renoise == Renoise::No {
             return axpby(1.0, sample, next - sigma, out);
         }
         // The velocity points from data to noise, so the clean estimate is σ of it back from the sample;
         // that estimate is put on the line again at the next level.
         let x0 = axpby(1.0, sample, -sigma, out)?;
         let z = noise.next(sample.shape().dims(), sample.device())?.to_dtype(sample.dtype())?;
-        if self.renoise == Renoise::Fresh {
+        let Renoise::Ancestral(ancestral) = renoise else {
+            // diffusers' stochastic_sampling: fresh noise alone.
             return axpby(1.0 - next, &x0, next, &z);
-        }
+        };
         // Divided by 1 − σ the line is the variance-exploding form x0 + s·ε with s = σ / (1 − σ), where
         // Euler ancestral splits each step. s is infinite at σ = 1, where the sample is all noise and none
         // of it is kept, and 0 at the data, where nothing is drawn.
         let ve = |x: f64| x / (1.0 - x);
-        let (kept, fresh) = ancestral_shares(ve(sigma), ve(next));
+        let (kept, fresh) = ancestral.shares(ve(sigma), ve(next));
         let eps = axpby(1.0, sample, 1.0 - sigma, out)?;
         let renoised = axpby(kept, &eps, fresh, &z)?;
         axpby(1.0 - next, &x0, next, &renoised)

@@ -17,7 +17,7 @@ use crate::loader::Config;
 use crate::noise::NoiseStreams;
 
 pub use flow::{dynamic_shift_mu, static_shift, FlowShift};
-pub use schedule::Prediction;
+pub use schedule::{Prediction, ANCESTRAL_ETA, ANCESTRAL_SIGMA_MIN};
 
 /// One denoising schedule for one generation: the timesteps to evaluate the denoiser at, and the update
 /// that turns its output into the next latents.
@@ -154,6 +154,54 @@ mod tests {
                 }
                 let err = (&sample - &clean).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
                 assert!(err < 1e-4, "{} from step {start}: {err} from the clean latents", kind.name());
+            }
+        }
+    }
+
+    /// Under `_fresco_ancestral_sigma_min` the ancestral samplers take their deterministic twin's step
+    /// from every level below the floor, and their own noisy step above it: a run of differing steps,
+    /// then a run of equal ones. Without the key every step but the last draws noise, and at
+    /// `_fresco_ancestral_eta` 0 none does. A value that is not a non-negative number is refused by name.
+    #[test]
+    fn ancestral_samplers_draw_noise_only_above_their_floor() {
+        let dev = Device::Cpu;
+        let sample = Tensor::new(&[[0.8f32, -1.5], [0.3, 2.0]], &dev).unwrap();
+        let out = Tensor::new(&[[-0.4f32, 1.1], [0.9, -2.2]], &dev).unwrap();
+        let cfg = |v: serde_json::Value| Config::from_value(std::path::Path::new("scheduler_config.json"), v);
+        // Mid-schedule floors: σ 1 of diffusers' default betas, and flow σ 0.45 (levels 1, 0.9, …, 0.1).
+        for (kind, plain, floor) in [
+            (SchedulerKind::EulerAncestral, SchedulerKind::Euler, 1.0),
+            (SchedulerKind::FlowEulerAncestral, SchedulerKind::FlowEuler, 0.45),
+        ] {
+            let equal_steps = |config: &Config| {
+                let (mut a, mut b) = (kind.build(config, 10, None).unwrap(), plain.build(config, 10, None).unwrap());
+                let mut streams = NoiseStreams::new(&[0]);
+                (0..10)
+                    .map(|i| {
+                        let (x, y) = (a.step(&out, i, &sample, &mut streams).unwrap(), b.step(&out, i, &sample, &mut streams).unwrap());
+                        (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-5
+                    })
+                    .collect::<Vec<bool>>()
+            };
+            let everywhere = equal_steps(&cfg(json!({})));
+            assert_eq!(
+                everywhere.iter().filter(|e| **e).count(),
+                1,
+                "{}: only the step to the data draws nothing: {everywhere:?}",
+                kind.name()
+            );
+            assert!(equal_steps(&cfg(json!({ ANCESTRAL_ETA: 0.0 }))).iter().all(|e| *e), "{}: eta 0", kind.name());
+            let floored = equal_steps(&cfg(json!({ ANCESTRAL_SIGMA_MIN: floor })));
+            let first_equal = floored.iter().position(|e| *e).unwrap();
+            assert!(first_equal > 0 && first_equal < 9, "{}: {floored:?}", kind.name());
+            assert!(
+                floored[first_equal..].iter().all(|e| *e) && !floored[..first_equal].iter().any(|e| *e),
+                "{}: {floored:?}",
+                kind.name()
+            );
+            for (key, bad) in [(ANCESTRAL_SIGMA_MIN, json!(-1.0)), (ANCESTRAL_SIGMA_MIN, json!("high")), (ANCESTRAL_ETA, json!(-0.5))] {
+                let err = kind.build(&cfg(json!({ key: bad })), 10, None).err().unwrap().to_string();
+                assert!(err.contains(key) && err.contains("scheduler_config.json"), "{err}");
             }
         }
     }

@@ -176,13 +176,56 @@ pub fn karras_sigmas(sigma_min: f64, sigma_max: f64, steps: usize) -> Vec<f64> {
         .collect()
 }
 
-/// Euler ancestral's split of a step from noise level `sigma` to `next` (k-diffusion's `get_ancestral_step`,
-/// eta 1), as the shares of `next`: r = next / sigma of the sample's own noise is kept (σ_down = next·r) and
-/// √(1 − r²) is drawn afresh (σ_up = next·√(1 − r²)). An infinite `sigma` (a flow's pure-noise start in
-/// variance-exploding form) keeps none.
-pub fn ancestral_shares(sigma: f64, next: f64) -> (f64, f64) {
-    let kept = next / sigma;
-    (kept, (1.0 - kept * kept).max(0.0).sqrt())
+/// The config key of the noise window of fresco's ancestral samplers: steps that start below this σ (the
+/// scheduler's own noise level) draw no fresh noise and take the deterministic step instead, as Karras et
+/// al. 2022's `S_tmin` confines their sampler's churn. Late steps only refine detail, and noise drawn
+/// there is left for the last few steps to clean up. The leading underscore keeps diffusers, which has
+/// no such setting, from reading it (nor [`ANCESTRAL_ETA`]).
+pub const ANCESTRAL_SIGMA_MIN: &str = "_fresco_ancestral_sigma_min";
+/// The config key of how fast fresco's ancestral samplers forget the sample's own noise: a step from σ to
+/// σ_next keeps the share (σ_next / σ)^η of it and draws the rest afresh. η = 1 (the default) is Euler
+/// ancestral and η = 0 the deterministic sampler. k-diffusion's `eta` scales one step's fresh noise
+/// instead, so the same value draws more at fewer steps and at η > 1 a short schedule keeps none of the
+/// sample at all; with a power the share kept between two levels is the same however many steps lie
+/// between them.
+pub const ANCESTRAL_ETA: &str = "_fresco_ancestral_eta";
+
+/// How an ancestral sampler renoises: how much, and down to which level.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AncestralNoise {
+    eta: f64,
+    sigma_min: f64,
+}
+
+impl AncestralNoise {
+    /// [`ANCESTRAL_ETA`] and [`ANCESTRAL_SIGMA_MIN`] from `config`: Euler ancestral's noise on every step
+    /// where they are absent.
+    pub fn from_config(config: &Config) -> Result<Self> {
+        let read = |key: &str, default: f64| -> Result<f64> {
+            let v = config.f64_or(key, default)?;
+            if !v.is_finite() || v < 0.0 {
+                return Err(PipelineError::config(&config.path, format!("{key} must be a non-negative number, got {v}")));
+            }
+            Ok(v)
+        };
+        Ok(Self { eta: read(ANCESTRAL_ETA, 1.0)?, sigma_min: read(ANCESTRAL_SIGMA_MIN, 0.0)? })
+    }
+
+    /// Whether a step from level `sigma` draws noise.
+    pub fn draws_at(&self, sigma: f64) -> bool {
+        sigma >= self.sigma_min
+    }
+
+    /// The split of a step from noise level `sigma` to `next`, as shares of `next`: r^η of the sample's
+    /// own noise is kept, with r = next / sigma, and √(1 − r^2η) drawn afresh, so the noise stays of unit
+    /// variance. At η = 1 this is k-diffusion's `get_ancestral_step` (σ_down = next·r). An infinite `sigma`
+    /// (a flow's pure-noise start in variance-exploding form) keeps none.
+    pub fn shares(&self, sigma: f64, next: f64) -> (f64, f64) {
+        let r = next / sigma;
+        // At η = 1 the kept share is r itself; written so, it is exact.
+        let kept = if self.eta == 1.0 { r } else { r.powf(self.eta) };
+        (kept, (1.0 - kept * kept).max(0.0).sqrt())
+    }
 }
 
 /// diffusers' `_sigma_to_t`: the (fractional) training timestep whose sigma is `sigma`, interpolating in
@@ -245,6 +288,29 @@ mod tests {
     fn zero_snr_rescale_ends_at_zero() {
         let s = NoiseSchedule::from_config(&cfg(json!({"rescale_betas_zero_snr": true})), &DIFFUSERS_DEFAULTS).unwrap();
         assert!(s.alphas_cumprod[999].abs() < 1e-12);
+    }
+
+    /// Each step's noise stays of unit variance whatever η; at η = 1 the kept share is r = next / σ
+    /// exactly, at η = 0 all of it. Two steps keep what one step over both levels keeps, so the noise a
+    /// schedule keeps does not depend on its step count.
+    #[test]
+    fn ancestral_shares_keep_unit_variance_and_compose_across_steps() {
+        let at = |eta: f64| AncestralNoise { eta, sigma_min: 0.0 };
+        for (sigma, next) in [(14.6, 9.9), (2.0, 1.7), (0.5, 0.1), (f64::INFINITY, 3.0), (1.0, 0.0)] {
+            let r = next / sigma;
+            assert_eq!(at(1.0).shares(sigma, next), (r, (1.0 - r * r).sqrt()), "{sigma} -> {next}");
+            assert_eq!(at(0.0).shares(sigma, next).0, 1.0);
+            for eta in [0.5, 1.5, 4.0] {
+                let (kept, fresh) = at(eta).shares(sigma, next);
+                assert!((kept * kept + fresh * fresh - 1.0).abs() < 1e-12, "eta {eta}, {sigma} -> {next}: {kept}, {fresh}");
+            }
+        }
+        for eta in [0.5, 1.0, 1.5, 4.0] {
+            let one = at(eta).shares(9.0, 2.0).0;
+            let two = at(eta).shares(9.0, 5.0).0 * at(eta).shares(5.0, 2.0).0;
+            assert!((one - two).abs() < 1e-12, "eta {eta}: {one} in one step, {two} in two");
+            assert!(eta <= 1.0 || one < 2.0 / 9.0, "eta {eta} keeps less than Euler ancestral: {one}");
+        }
     }
 
     #[test]
