@@ -34,8 +34,21 @@ impl DpmSolverPp2m {
                 return Err(PipelineError::config(&config.path, format!("{key} is not supported")));
             }
         }
-        // fresco's dpmpp-* names fix the algorithm; lambda_min_clipped stays at diffusers' default (-inf),
-        // so the last usable timestep is the last training step.
+        // One algorithm and order are implemented; a config asking for another (an SDE variant, the
+        // noise-prediction form, a third order) is refused rather than sampled with this one.
+        // lambda_min_clipped stays at diffusers' default (-inf), so the last usable timestep is the last
+        // training step.
+        let algorithm = config.str_or("algorithm_type", "dpmsolver++")?;
+        if algorithm != "dpmsolver++" {
+            return Err(PipelineError::config(
+                &config.path,
+                format!("algorithm_type {algorithm:?} is not supported (only \"dpmsolver++\")"),
+            ));
+        }
+        let order = config.usize_or("solver_order", 2)?;
+        if order != 2 {
+            return Err(PipelineError::config(&config.path, format!("solver_order {order} is not supported (only 2)")));
+        }
         let spacing = Spacing::parse(config, "linspace")?;
         let offset = config.usize_or("steps_offset", 0)?;
         let mut timesteps: Vec<f64> = match spacing {
@@ -124,5 +137,25 @@ impl Scheduler for DpmSolverPp2m {
             self.lower_order_nums += 1;
         }
         Ok(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A config for another DPM-Solver than the one implemented is refused by its key, not sampled with
+    /// the ODE solver of second order; diffusers' defaults and their explicit spelling load.
+    #[test]
+    fn other_algorithms_and_orders_are_refused_by_key() {
+        let cfg = |v: serde_json::Value| Config::from_value(std::path::Path::new("scheduler_config.json"), v);
+        for ok in [json!({}), json!({"algorithm_type": "dpmsolver++", "solver_order": 2})] {
+            assert!(DpmSolverPp2m::new(&cfg(ok), 10, false).is_ok());
+        }
+        for (key, bad) in [("algorithm_type", json!({"algorithm_type": "sde-dpmsolver++"})), ("solver_order", json!({"solver_order": 3}))] {
+            let err = DpmSolverPp2m::new(&cfg(bad), 10, true).err().expect("refused").to_string();
+            assert!(err.contains(key) && err.contains("scheduler_config.json"), "{err}");
+        }
     }
 }
