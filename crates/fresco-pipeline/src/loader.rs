@@ -205,6 +205,15 @@ impl Config {
         }
     }
 
+    /// A number that must be finite and at least 0 (a rate, a level), `default` when absent.
+    pub fn non_negative_f64_or(&self, key: &str, default: f64) -> Result<f64> {
+        let v = self.f64_or(key, default)?;
+        if !v.is_finite() || v < 0.0 {
+            return Err(self.bad(key, "a non-negative number"));
+        }
+        Ok(v)
+    }
+
     pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
         match self.raw(key) {
             None => Ok(default),

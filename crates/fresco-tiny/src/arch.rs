@@ -197,9 +197,9 @@ pub const TRAIN_TIMESTEPS: usize = 1000;
 /// clean up. On held-out prompts the pair added about two points, most of them two-object ones; the flow
 /// variant lost counts under the same floor (σ = ½ on its line) and keeps Euler ancestral's noise to the
 /// end (models/README.md, session 48).
-pub const ANCESTRAL_ETA: f64 = 2.0;
-/// The σ below which the diffusion variant's steps draw no noise (see [`ANCESTRAL_ETA`]).
-pub const ANCESTRAL_NOISE_FLOOR: f64 = 1.0;
+pub const DIFFUSION_ANCESTRAL_ETA: f64 = 2.0;
+/// The σ below which the diffusion variant's steps draw no noise (see [`DIFFUSION_ANCESTRAL_ETA`]).
+pub const DIFFUSION_NOISE_FLOOR: f64 = 1.0;
 
 /// The scheduler the model ships: for the flow variant with the timestep shift it was trained with, for
 /// the diffusion variant with the betas it was trained with. The diffusion variant samples with Euler
@@ -217,8 +217,8 @@ pub fn scheduler_config(variant: Variant, flow_shift: f64, beta_end: f64) -> Val
             "prediction_type": "epsilon",
             "steps_offset": 1,
             "timestep_spacing": "trailing",
-            (fresco_pipeline::schedulers::ANCESTRAL_ETA): ANCESTRAL_ETA,
-            (fresco_pipeline::schedulers::ANCESTRAL_SIGMA_MIN): ANCESTRAL_NOISE_FLOOR,
+            (fresco_pipeline::schedulers::ANCESTRAL_ETA): DIFFUSION_ANCESTRAL_ETA,
+            (fresco_pipeline::schedulers::ANCESTRAL_SIGMA_MIN): DIFFUSION_NOISE_FLOOR,
         }),
         Variant::Flow => json!({
             "_class_name": scheduler_class(variant),

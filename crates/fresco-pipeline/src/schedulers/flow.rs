@@ -148,12 +148,9 @@ impl Scheduler for FlowEuler {
 
 #[cfg(test)]
 mod tests {
+    use super::super::max_abs_diff;
     use super::*;
     use std::path::Path;
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-    }
 
     #[test]
     fn a_static_shift_keeps_the_ends_and_moves_the_middle_toward_noise() {

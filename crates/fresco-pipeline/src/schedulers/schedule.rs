@@ -201,14 +201,7 @@ impl AncestralNoise {
     /// [`ANCESTRAL_ETA`] and [`ANCESTRAL_SIGMA_MIN`] from `config`: Euler ancestral's noise on every step
     /// where they are absent.
     pub fn from_config(config: &Config) -> Result<Self> {
-        let read = |key: &str, default: f64| -> Result<f64> {
-            let v = config.f64_or(key, default)?;
-            if !v.is_finite() || v < 0.0 {
-                return Err(PipelineError::config(&config.path, format!("{key} must be a non-negative number, got {v}")));
-            }
-            Ok(v)
-        };
-        Ok(Self { eta: read(ANCESTRAL_ETA, 1.0)?, sigma_min: read(ANCESTRAL_SIGMA_MIN, 0.0)? })
+        Ok(Self { eta: config.non_negative_f64_or(ANCESTRAL_ETA, 1.0)?, sigma_min: config.non_negative_f64_or(ANCESTRAL_SIGMA_MIN, 0.0)? })
     }
 
     /// Whether a step from level `sigma` draws noise.
