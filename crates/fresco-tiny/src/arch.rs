@@ -194,12 +194,20 @@ pub const TRAIN_TIMESTEPS: usize = 1000;
 /// Euler ancestral (each step keeps (σ_next / σ)², not σ_next / σ, of it) while noise outweighs signal,
 /// and draws none from σ = 1 down. The fresher noise lets more of the early steps revise a wrong layout;
 /// the steps below σ = 1 only sharpen what is laid out, and noise drawn there is left for the last few to
-/// clean up. On held-out prompts the pair added about two points, most of them two-object ones; the flow
-/// variant lost counts under the same floor (σ = ½ on its line) and keeps Euler ancestral's noise to the
-/// end (models/README.md, session 48).
+/// clean up. On held-out prompts the pair added about two points, most of them two-object ones
+/// (models/README.md, session 48).
 pub const DIFFUSION_ANCESTRAL_ETA: f64 = 2.0;
 /// The σ below which the diffusion variant's steps draw no noise (see [`DIFFUSION_ANCESTRAL_ETA`]).
 pub const DIFFUSION_NOISE_FLOOR: f64 = 1.0;
+
+/// How the flow variant's `flow-euler-ancestral` renoises: half again as fast as Euler ancestral while
+/// noise outweighs signal, none from σ = ½ down (where they weigh the same on the flow's line). At its
+/// default steps the fresher noise added about a third of a point on held-out prompts; without the floor
+/// it cost five at 8 steps, whose last noisy step leaves too few to clean what it draws. The floor alone,
+/// at Euler ancestral's rate, lost counts (models/README.md, sessions 48 and 50).
+pub const FLOW_ANCESTRAL_ETA: f64 = 1.5;
+/// The σ below which the flow variant's steps draw no noise (see [`FLOW_ANCESTRAL_ETA`]).
+pub const FLOW_NOISE_FLOOR: f64 = 0.5;
 
 /// The scheduler the model ships: for the flow variant with the timestep shift it was trained with, for
 /// the diffusion variant with the betas it was trained with. The diffusion variant samples with Euler
@@ -224,6 +232,8 @@ pub fn scheduler_config(variant: Variant, flow_shift: f64, beta_end: f64) -> Val
             "_class_name": scheduler_class(variant),
             "num_train_timesteps": TRAIN_TIMESTEPS,
             "shift": flow_shift,
+            (fresco_pipeline::schedulers::ANCESTRAL_ETA): FLOW_ANCESTRAL_ETA,
+            (fresco_pipeline::schedulers::ANCESTRAL_SIGMA_MIN): FLOW_NOISE_FLOOR,
         }),
     }
 }
