@@ -81,6 +81,8 @@ pub struct ParametersText<'a> {
     pub steps: usize,
     pub scheduler: &'a str,
     pub guidance: f64,
+    /// The model's lower scale for its last steps, where its recipe has one ([`crate::LateGuidance`]).
+    pub late_guidance: Option<crate::LateGuidance>,
     pub seed: Option<u64>,
     pub width: usize,
     pub height: usize,
@@ -94,6 +96,9 @@ impl std::fmt::Display for ParametersText<'_> {
             writeln!(f, "Negative prompt: {n}")?;
         }
         write!(f, "Steps: {}, Sampler: {}, CFG scale: {}, ", self.steps, self.scheduler, self.guidance)?;
+        if let Some(late) = self.late_guidance {
+            write!(f, "Late CFG scale: {} below timestep {}, ", late.scale, late.below_timestep)?;
+        }
         if let Some(s) = self.seed {
             write!(f, "Seed: {s}, ")?;
         }

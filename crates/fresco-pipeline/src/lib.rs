@@ -21,6 +21,7 @@ pub mod tokenizer;
 pub use error::{PipelineError, Result};
 pub use image::{GeneratedImage, ParametersText};
 pub use pipeline::{
-    on_compute_pool, set_process_defaults, DeviceSpec, Family, InitLatents, ModelDefaults, Pipeline, Request, Resolved, StageTimings,
+    on_compute_pool, set_process_defaults, DeviceSpec, Family, InitLatents, LateGuidance, ModelDefaults, Pipeline, Request, Resolved,
+    StageTimings,
 };
 pub use schedulers::SchedulerKind;

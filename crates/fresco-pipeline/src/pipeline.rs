@@ -143,8 +143,20 @@ impl Family {
 pub struct ModelDefaults {
     pub steps: usize,
     pub guidance: f64,
+    /// A second, lower scale for the last steps, part of the model's own guidance (never of a scale the
+    /// request names).
+    pub late_guidance: Option<LateGuidance>,
     pub width: usize,
     pub height: usize,
+}
+
+/// Classifier-free guidance of `scale` on the steps evaluated below `below_timestep`, where a model's
+/// recipe asks for it (`_fresco_defaults.late_guidance`). Those steps only sharpen a layout the earlier
+/// ones settled; on fresco-tiny half its scale there drew fewer wrong shapes and counts than the full one.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LateGuidance {
+    pub scale: f64,
+    pub below_timestep: f64,
 }
 
 /// One batched generation. Every vector has one entry per prompt.
@@ -360,6 +372,7 @@ impl Pipeline {
                     }
                 }
             },
+            late_guidance: None,
             width: side,
             height: side,
         };
@@ -426,6 +439,9 @@ impl Pipeline {
         if !guidance.is_finite() || guidance < 0.0 {
             return Err(PipelineError::param("guidance", format!("must be a non-negative number, got {guidance}")));
         }
+        // A scale the request names holds for every step, so that naming the model's own scale still
+        // reproduces a constant-guidance image.
+        let late_guidance = if req.guidance.is_none() { self.defaults.late_guidance } else { None };
         let f = self.size_factor();
         let width = req.width.unwrap_or(self.defaults.width);
         let height = req.height.unwrap_or(self.defaults.height);
@@ -471,7 +487,7 @@ impl Pipeline {
                 steps - run as usize
             }
         };
-        Ok(Resolved { steps, start, guidance, width, height, scheduler })
+        Ok(Resolved { steps, start, guidance, late_guidance, width, height, scheduler })
     }
 
     /// Generates one image per prompt as a single batched forward per step.
@@ -513,7 +529,7 @@ impl Pipeline {
         let r = self.resolve(req)?;
         let b = req.prompts.len();
         // FLUX's guidance is an embedding (dev) or nothing (schnell), never classifier-free guidance.
-        let cfg = r.guidance > 1.0 && self.family != Family::Flux;
+        let cfg = (r.guidance > 1.0 || r.late_guidance.is_some_and(|l| l.scale > 1.0)) && self.family != Family::Flux;
 
         let t0 = Instant::now();
         let cond = self.encode(&req.prompts)?;
@@ -583,7 +599,12 @@ impl Pipeline {
             };
             let guided = if cfg {
                 let (u, c) = (out.narrow(0, 0, b)?, out.narrow(0, b, b)?);
-                (&u + ((&c - &u)? * r.guidance)?)?
+                // As for the whole request, a step's scale of 1 or less means no guidance: the conditional
+                // prediction alone.
+                match r.guidance_at(*t) {
+                    g if g > 1.0 => (&u + ((&c - &u)? * g)?)?,
+                    _ => c,
+                }
             } else {
                 out
             };
@@ -690,7 +711,8 @@ impl Pipeline {
 /// (`{"steps": 20, "guidance": 4.0}`); diffusers ignores keys that start with an underscore. Its
 /// `scheduler`, one of `--scheduler`'s names, lets a model sample with one of fresco's own schedulers
 /// (`flow-euler-ancestral`) that no diffusers class names; it must fit the folder's scheduler class, which
-/// diffusers goes on using.
+/// diffusers goes on using. `late_guidance` with `late_guidance_below_timestep` lowers the guidance of the
+/// last steps ([`LateGuidance`]); diffusers guides every step with `guidance`.
 fn model_defaults(dir: &ModelDir, family_defaults: ModelDefaults, class: SchedulerKind) -> Result<(ModelDefaults, SchedulerKind)> {
     let Some(own) = dir.index.get("_fresco_defaults") else { return Ok((family_defaults, class)) };
     let index = Config::from_value(&dir.root.join("model_index.json"), own.clone());
@@ -703,6 +725,20 @@ fn model_defaults(dir: &ModelDir, family_defaults: ModelDefaults, class: Schedul
     if !guidance.is_finite() || guidance < 0.0 {
         return Err(bad("guidance", format!("must be a non-negative number, got {guidance}")));
     }
+    let late_guidance = match (index.opt_f64("late_guidance")?, index.opt_f64("late_guidance_below_timestep")?) {
+        (None, None) => None,
+        (Some(scale), Some(below_timestep)) => {
+            if !scale.is_finite() || scale < 0.0 {
+                return Err(bad("late_guidance", format!("must be a non-negative number, got {scale}")));
+            }
+            if !below_timestep.is_finite() || below_timestep <= 0.0 {
+                return Err(bad("late_guidance_below_timestep", format!("must be a positive number, got {below_timestep}")));
+            }
+            Some(LateGuidance { scale, below_timestep })
+        }
+        (Some(_), None) => return Err(bad("late_guidance_below_timestep", "is required with late_guidance".into())),
+        (None, Some(_)) => return Err(bad("late_guidance", "is required with late_guidance_below_timestep".into())),
+    };
     let scheduler = match index.opt_str("scheduler")? {
         None => class,
         Some(name) => {
@@ -713,7 +749,7 @@ fn model_defaults(dir: &ModelDir, family_defaults: ModelDefaults, class: Schedul
             kind
         }
     };
-    Ok((ModelDefaults { steps, guidance, ..family_defaults }, scheduler))
+    Ok((ModelDefaults { steps, guidance, late_guidance, ..family_defaults }, scheduler))
 }
 
 struct Encoded {
@@ -728,7 +764,18 @@ pub struct Resolved {
     /// The schedule step sampling starts at: 0, or later for image-to-image ([`InitLatents`]).
     pub start: usize,
     pub guidance: f64,
+    pub late_guidance: Option<LateGuidance>,
     pub width: usize,
     pub height: usize,
     pub scheduler: SchedulerKind,
+}
+
+impl Resolved {
+    /// The guidance scale of the step that evaluates the denoiser at timestep `t`.
+    pub fn guidance_at(&self, t: f64) -> f64 {
+        match self.late_guidance {
+            Some(late) if t < late.below_timestep => late.scale,
+            _ => self.guidance,
+        }
+    }
 }

@@ -212,17 +212,63 @@ fn sharded_and_fp16_weights_load() {
     assert!(max <= 8, "fp16 weights moved a pixel by {max}");
 }
 
+/// A copy of the tiny SD 1.5 fixture to edit, in a directory that lives as long as the guard.
+fn tiny_sd15_copy() -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    copy_dir(&fixture("tiny-sd15"), &model);
+    (tmp, model)
+}
+
+/// Rewrites `model`'s `model_index.json` with `defaults` as its `_fresco_defaults` (replacing any before).
+fn set_fresco_defaults(model: &Path, defaults: &str) {
+    let index = model.join("model_index.json");
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
+    json["_fresco_defaults"] = serde_json::from_str(defaults).unwrap();
+    std::fs::write(&index, serde_json::to_string(&json).unwrap()).unwrap();
+}
+
+/// A model's late guidance lowers its own scale on the steps below its timestep, so the image differs
+/// from constant guidance; a request that names a scale, even the model's, gets it on every step. Half
+/// the pair of keys, or a bad value, is refused by name.
+#[test]
+fn late_guidance_lowers_only_the_models_own_scale() {
+    let (_tmp, model) = tiny_sd15_copy();
+    let with = |defaults: &str| set_fresco_defaults(&model, defaults);
+    let r = request(&["a red circle"], &[5]);
+
+    with(r#"{"guidance": 5.0}"#);
+    let constant = Pipeline::load(&model, &DeviceSpec::Cpu).unwrap().generate(&r).unwrap();
+    with(r#"{"guidance": 5.0, "late_guidance": 1.5, "late_guidance_below_timestep": 500}"#);
+    let late = Pipeline::load(&model, &DeviceSpec::Cpu).unwrap();
+    let resolved = late.resolve(&r).unwrap();
+    assert_eq!((resolved.guidance_at(999.0), resolved.guidance_at(500.0), resolved.guidance_at(499.0)), (5.0, 5.0, 1.5));
+    assert_ne!(late.generate(&r).unwrap(), constant, "the last steps' scale changes the image");
+    let named = Request { guidance: Some(5.0), ..r.clone() };
+    assert_eq!(late.resolve(&named).unwrap().late_guidance, None);
+    assert_eq!(late.generate(&named).unwrap(), constant, "a named scale holds on every step");
+
+    for (extra, key) in [
+        (r#"{"late_guidance": 2.0}"#, "late_guidance_below_timestep"),
+        (r#"{"late_guidance_below_timestep": 300}"#, "late_guidance"),
+        (r#"{"late_guidance": -1.0, "late_guidance_below_timestep": 300}"#, "late_guidance"),
+        (r#"{"late_guidance": 2.0, "late_guidance_below_timestep": 0}"#, "late_guidance_below_timestep"),
+    ] {
+        with(extra);
+        let e = load_err(&model);
+        assert!(e.contains("model_index.json") && e.contains(&format!("_fresco_defaults.{key}:")), "{extra}: {e}");
+    }
+}
+
 /// A model may state its own recipe in `model_index.json`, its scheduler among it when that fits the
 /// folder's scheduler class; a U-Net with a flow-matching scheduler is read as a rectified flow
 /// (fresco-tiny-flow is one); transformer families stay flow-only.
 #[test]
 fn model_defaults_and_flow_unets() {
-    let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("m");
-    copy_dir(&fixture("tiny-sd15"), &model);
+    let (tmp, model) = tiny_sd15_copy();
     let index = model.join("model_index.json");
     let original = std::fs::read_to_string(&index).unwrap();
-    let with = |extra: &str| std::fs::write(&index, original.replacen('{', &format!("{{ \"_fresco_defaults\": {extra},"), 1)).unwrap();
+    let with = |defaults: &str| set_fresco_defaults(&model, defaults);
 
     with(r#"{"steps": 7, "guidance": 2.5}"#);
     let pipe = Pipeline::load(&model, &DeviceSpec::Cpu).unwrap();

@@ -200,6 +200,13 @@ pub const DIFFUSION_ANCESTRAL_ETA: f64 = 2.0;
 /// The σ below which the diffusion variant's steps draw no noise (see [`DIFFUSION_ANCESTRAL_ETA`]).
 pub const DIFFUSION_NOISE_FLOOR: f64 = 1.0;
 
+/// The diffusion variant's guidance on the steps about its noise floor and below ([`DIFFUSION_NOISE_FLOOR`];
+/// σ = 1 falls between timesteps 372 and 373 of its training schedule), which only sharpen the layout the
+/// steps above settled: half its scale there drew fewer distorted shapes (models/README.md, session 50).
+pub const DIFFUSION_LATE_GUIDANCE: f64 = 2.0;
+/// The timestep below which [`DIFFUSION_LATE_GUIDANCE`] applies.
+pub const DIFFUSION_LATE_GUIDANCE_BELOW_TIMESTEP: f64 = 375.0;
+
 /// How the flow variant's `flow-euler-ancestral` renoises: half again as fast as Euler ancestral while
 /// noise outweighs signal, none from σ = ½ down (where they weigh the same on the flow's line). At its
 /// default steps the fresher noise added about a third of a point on held-out prompts; without the floor
@@ -252,8 +259,12 @@ fn scheduler_class(variant: Variant) -> &'static str {
 pub fn model_index(variant: Variant, steps: usize, guidance: f64) -> Value {
     let scheduler = scheduler_class(variant);
     let mut defaults = json!({ "steps": steps, "guidance": guidance });
-    if variant == Variant::Flow {
-        defaults["scheduler"] = json!(fresco_pipeline::SchedulerKind::FlowEulerAncestral.name());
+    match variant {
+        Variant::Diffusion => {
+            defaults["late_guidance"] = json!(DIFFUSION_LATE_GUIDANCE);
+            defaults["late_guidance_below_timestep"] = json!(DIFFUSION_LATE_GUIDANCE_BELOW_TIMESTEP);
+        }
+        Variant::Flow => defaults["scheduler"] = json!(fresco_pipeline::SchedulerKind::FlowEulerAncestral.name()),
     }
     json!({
         "_class_name": "StableDiffusionPipeline",

@@ -78,6 +78,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             steps: resolved.steps,
             scheduler: resolved.scheduler.name(),
             guidance: resolved.guidance,
+            late_guidance: resolved.late_guidance,
             seed: args.latents.is_none().then_some(seeds[i]),
             width: resolved.width,
             height: resolved.height,

@@ -517,6 +517,19 @@ mod tests {
     use super::*;
     use clap::Parser;
 
+    /// The committed model folders sample with the recipe training writes, so a retrained model samples
+    /// as the shipped one does (its late guidance included).
+    #[test]
+    fn the_shipped_model_indexes_are_the_ones_training_writes() {
+        let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
+        for variant in [Variant::Diffusion, Variant::Flow] {
+            let path = models.join(variant.folder()).join("model_index.json");
+            let shipped: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("model index")).expect("json");
+            let (steps, guidance) = recipe(variant);
+            assert_eq!(shipped, fresco_tiny::arch::model_index(variant, steps, guidance), "{}", path.display());
+        }
+    }
+
     fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Args {
         match crate::Cli::try_parse_from(std::iter::once(OsString::from("fresco")).chain(args)).expect("parses").command {
             crate::Command::Train(a) => a,
