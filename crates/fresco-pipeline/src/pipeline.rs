@@ -721,16 +721,18 @@ fn model_defaults(dir: &ModelDir, family_defaults: ModelDefaults, class: Schedul
     if steps == 0 || steps > 1000 {
         return Err(bad("steps", format!("must be 1..=1000, got {steps}")));
     }
-    let guidance = index.f64_or("guidance", family_defaults.guidance)?;
-    if !guidance.is_finite() || guidance < 0.0 {
-        return Err(bad("guidance", format!("must be a non-negative number, got {guidance}")));
-    }
+    let non_negative = |key: &str, v: f64| {
+        if v.is_finite() && v >= 0.0 {
+            Ok(v)
+        } else {
+            Err(bad(key, format!("must be a non-negative number, got {v}")))
+        }
+    };
+    let guidance = non_negative("guidance", index.f64_or("guidance", family_defaults.guidance)?)?;
     let late_guidance = match (index.opt_f64("late_guidance")?, index.opt_f64("late_guidance_below_timestep")?) {
         (None, None) => None,
-        (Some(scale), Some(below_timestep)) => {
-            if !scale.is_finite() || scale < 0.0 {
-                return Err(bad("late_guidance", format!("must be a non-negative number, got {scale}")));
-            }
+        (Some(late), Some(below_timestep)) => {
+            let scale = non_negative("late_guidance", late)?;
             if !below_timestep.is_finite() || below_timestep <= 0.0 {
                 return Err(bad("late_guidance_below_timestep", format!("must be a positive number, got {below_timestep}")));
             }

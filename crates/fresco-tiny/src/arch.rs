@@ -202,7 +202,7 @@ pub const DIFFUSION_NOISE_FLOOR: f64 = 1.0;
 
 /// The diffusion variant's guidance on the steps about its noise floor and below ([`DIFFUSION_NOISE_FLOOR`];
 /// σ = 1 falls between timesteps 372 and 373 of its training schedule), which only sharpen the layout the
-/// steps above settled: half its scale there drew fewer distorted shapes (models/README.md, session 50).
+/// steps above settled: half its scale there drew fewer wrong shapes and counts (models/README.md, session 50).
 pub const DIFFUSION_LATE_GUIDANCE: f64 = 2.0;
 /// The timestep below which [`DIFFUSION_LATE_GUIDANCE`] applies.
 pub const DIFFUSION_LATE_GUIDANCE_BELOW_TIMESTEP: f64 = 375.0;
