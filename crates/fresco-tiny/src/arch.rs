@@ -195,14 +195,14 @@ pub const TRAIN_TIMESTEPS: usize = 1000;
 /// and draws none from σ = 1 down. The fresher noise lets more of the early steps revise a wrong layout;
 /// the steps below σ = 1 only sharpen what is laid out, and noise drawn there is left for the last few to
 /// clean up. On held-out prompts the pair added about two points, most of them two-object ones
-/// (models/README.md, session 48).
+/// (models/NOTEBOOK.md, session 48).
 pub const DIFFUSION_ANCESTRAL_ETA: f64 = 2.0;
 /// The σ below which the diffusion variant's steps draw no noise (see [`DIFFUSION_ANCESTRAL_ETA`]).
 pub const DIFFUSION_NOISE_FLOOR: f64 = 1.0;
 
 /// The diffusion variant's guidance on the steps about its noise floor and below ([`DIFFUSION_NOISE_FLOOR`];
 /// σ = 1 falls between timesteps 372 and 373 of its training schedule), which only sharpen the layout the
-/// steps above settled: half its scale there drew fewer wrong shapes and counts (models/README.md, session 50).
+/// steps above settled: half its scale there drew fewer wrong shapes and counts (models/NOTEBOOK.md, session 50).
 pub const DIFFUSION_LATE_GUIDANCE: f64 = 2.0;
 /// The timestep below which [`DIFFUSION_LATE_GUIDANCE`] applies.
 pub const DIFFUSION_LATE_GUIDANCE_BELOW_TIMESTEP: f64 = 375.0;
@@ -211,7 +211,7 @@ pub const DIFFUSION_LATE_GUIDANCE_BELOW_TIMESTEP: f64 = 375.0;
 /// noise outweighs signal, none from σ = ½ down (where they weigh the same on the flow's line). At its
 /// default steps the fresher noise added about a third of a point on held-out prompts; without the floor
 /// it cost five at 8 steps, whose last noisy step leaves too few to clean what it draws. The floor alone,
-/// at Euler ancestral's rate, lost counts (models/README.md, sessions 48 and 50).
+/// at Euler ancestral's rate, lost counts (models/NOTEBOOK.md, sessions 48 and 50).
 pub const FLOW_ANCESTRAL_ETA: f64 = 1.5;
 /// The σ below which the flow variant's steps draw no noise (see [`FLOW_ANCESTRAL_ETA`]).
 pub const FLOW_NOISE_FLOOR: f64 = 0.5;
@@ -220,7 +220,7 @@ pub const FLOW_NOISE_FLOOR: f64 = 0.5;
 /// the diffusion variant with the betas it was trained with. The diffusion variant samples with Euler
 /// ancestral: the noise it adds back each step undoes some of the layout the U-Net commits to wrongly at
 /// high noise, and on 3 × 1,000 held-out prompts it drew a third fewer wrong counts than DDIM
-/// (models/README.md, session 47).
+/// (models/NOTEBOOK.md, session 47).
 pub fn scheduler_config(variant: Variant, flow_shift: f64, beta_end: f64) -> Value {
     match variant {
         Variant::Diffusion => json!({

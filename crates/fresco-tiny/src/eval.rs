@@ -49,7 +49,7 @@ pub struct Adherence {
     /// shape for every word from one that draws all three a little wrong.
     pub one_by_shape: [f64; 3],
     /// The same split by the object's size, in [`Size::ALL`]'s order: small shapes are the ones an 8×8
-    /// latent draws worst (models/README.md).
+    /// latent draws worst (models/NOTEBOOK.md).
     pub one_by_size: [f64; 3],
     pub two: f64,
     /// Fraction of adherent images whose objects also have the right size.

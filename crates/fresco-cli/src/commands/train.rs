@@ -135,7 +135,7 @@ enum Which {
 }
 
 /// Sampling recipe written into each model's `_fresco_defaults` (steps, guidance).
-/// The values are what `fresco eval` sweeps on trained weights chose (models/README.md: "Sampling
+/// The values are what `fresco eval` sweeps on trained weights chose (models/NOTEBOOK.md: "Sampling
 /// choices on today's weights", "The flow model's guidance on today's weights", "The flow model's
 /// default steps", "Ancestral sampling").
 fn recipe(variant: Variant) -> (usize, f64) {

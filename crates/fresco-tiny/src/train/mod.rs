@@ -63,13 +63,13 @@ pub struct TrainOptions {
     /// Each model's decoder tuned on its own U-Net's samples, last ([`tune_decoder`]; 0 steps: not at
     /// all). 16,000 steps gave fresco-tiny 73.6% → 79.2% of one-object and 34.2% → 38.4% of two-object
     /// prompts right, fresco-tiny-flow 64.0% → 73.6% and 27.8% → 33.2%; 8,000 gave 76.8% / 39.0% and
-    /// 73.4% / 32.0% (models/README.md).
+    /// 73.4% / 32.0% (models/NOTEBOOK.md).
     pub tune: Schedule,
     /// Scenes sampled once for the decoder's tuning.
     pub tune_pool: usize,
     /// The largest share of its schedule a tuning sample runs (diffusers' img2img strength), in (0, 1].
     /// 0.6 starts at most from σ ≈ 0.67 (flow) or t = 600 (diffusion), below which a denoiser keeps the
-    /// scene's layout (models/README.md, "Where adherence is lost"): the sampled latent and the rendered
+    /// scene's layout (models/NOTEBOOK.md, "Where adherence is lost"): the sampled latent and the rendered
     /// scene show the same objects in the same places, and differ in the drawing. 0.8 gave fresco-tiny
     /// 77.2% / 36.6% at 8,000 steps, within the spread of 0.6's 76.8% / 39.0%; 0.75 at 16,000 steps lost
     /// 1.6 / 1.2 and 2.6 / 1.6 points against 0.6 on session 31's U-Nets.
@@ -83,30 +83,30 @@ pub struct TrainOptions {
     /// The flow variant's noise levels are drawn, then shifted by this toward noise
     /// ([`static_shift`]; 1 leaves them as drawn); its scheduler config states the same shift. The default,
     /// 2, trains on twice as many of the high noise levels where counts, shapes and places are settled:
-    /// 36% → 46% of one-object prompts right in a full run (models/README.md).
+    /// 36% → 46% of one-object prompts right in a full run (models/NOTEBOOK.md).
     pub flow_shift: f64,
     /// The diffusion variant's last beta (scaled-linear from [`arch::BETA_START`]); its scheduler config
     /// states the same. The default, 0.010, puts more of the training at the middle noise levels where
     /// shapes and counts are drawn than Stable Diffusion's 0.012 does: 62.0% → 66.6% of one-object prompts
     /// right at full length, where 0.02 and 0.03 gave 52% and 49%, and 0.008 and 0.006 64% and 58%
-    /// (models/README.md).
+    /// (models/NOTEBOOK.md).
     pub beta_end: f64,
     /// Weight of the denoisers' auxiliary layout loss ([`layout`]), or 0 to train on denoising alone.
     /// The default, 0.25, gave fresco-tiny 66.6% → 73.6% of one-object and 18.2% → 34.2% of two-object
     /// prompts right at full length, fresco-tiny-flow 61.2% → 64.0% and 20.0% → 27.8%; weights of 0.1 and 1
-    /// gave fresco-tiny 73.2% / 27.4% and 71.4% / 27.0% (models/README.md).
+    /// gave fresco-tiny 73.2% / 27.4% and 71.4% / 27.0% (models/NOTEBOOK.md).
     pub layout_weight: f64,
     /// The layout loss maps each latent cell as this many sub-cells a side (1, 2, 4 or 8: a latent cell is
     /// 8 pixels wide), fine enough to tell a small square's corners from a small circle's rim. 2 and 4
     /// gave fresco-tiny 74.0% / 37.0% and 72.0% / 35.6%, within the spread of 1's 73.6% / 34.2%
-    /// (models/README.md), so 1 stays.
+    /// (models/NOTEBOOK.md), so 1 stays.
     pub layout_subcells: usize,
     /// Weight of a second layout loss, on the U-Net's last up block (the latent's own cells), mapping
     /// each latent cell as [`TOP_SUBCELLS`]² sub-cells: where the mid block's map names what each cell
     /// holds, this one asks the level that draws for the outline (a square's corners, a circle's rim), at
     /// every noise level. 0 leaves it out. The default, 0.25, gave fresco-tiny 38.4% → 44.6% and
     /// fresco-tiny-flow 33.2% → 39.2% of two-object prompts right, one-object ones within the spread
-    /// (79.2% → 78.0%, 73.6% → 75.0%; both with their decoders tuned; models/README.md).
+    /// (79.2% → 78.0%, 73.6% → 75.0%; both with their decoders tuned; models/NOTEBOOK.md).
     pub layout_top_weight: f64,
     /// Weight of a third auxiliary loss, on the mid block beside the layout map: which latent cell each
     /// object is centred in ([`crate::render::centre_map`]), as CenterNet's heatmap counts objects.
@@ -114,13 +114,13 @@ pub struct TrainOptions {
     /// each object once, and wrong counts were, after wrong shapes, the largest failure left. 0 leaves it
     /// out. The default, 0.25, gave fresco-tiny 78.0% → 79.2% of one-object and 44.6% → 46.0% of
     /// two-object prompts right, fresco-tiny-flow 75.0% → 77.2% and 39.2% → 43.8%, wrong counts down by
-    /// a sixth (both with their decoders tuned; models/README.md). All three heads at 0.5 gave 76.4% /
+    /// a sixth (both with their decoders tuned; models/NOTEBOOK.md). All three heads at 0.5 gave 76.4% /
     /// 43.4% and 76.6% / 45.2%.
     pub layout_centre_weight: f64,
     /// Start each U-Net from the weights already in its model folder (`unet/`) instead of a fresh
     /// initialisation, and train it for [`TrainOptions::denoiser`] more steps on a schedule of its own:
     /// a run that continues an earlier one, for as long again as a CPU hour allows. The committed U-Nets
-    /// had a second, a third and a fourth hour this way, each worth less than the one before (models/README.md).
+    /// had a second, a third and a fourth hour this way, each worth less than the one before (models/NOTEBOOK.md).
     pub resume: bool,
     pub device: DeviceSpec,
 }
@@ -303,7 +303,7 @@ pub const MIN_DENOISER_STEPS: usize = 2;
 /// The U-Net's residual branches end at zero, as in ADM (`zero_module`): each resnet's second
 /// convolution and each transformer's output projection. The network starts as its skip connections
 /// alone and grows each branch from there, instead of starting as the sum of a dozen random functions
-/// whose noise training must first unlearn (a proxy run's loss came out an eighth lower; models/README).
+/// whose noise training must first unlearn (a proxy run's loss came out an eighth lower; models/NOTEBOOK.md).
 fn unet_zeroed(name: &str) -> bool {
     name.ends_with("conv2.weight") || name.ends_with("proj_out.weight")
 }
@@ -598,7 +598,7 @@ fn save_decoder(vae_dir: &Path, varmap: &VarMap, saved: HashMap<String, Tensor>)
 ///
 /// Scenes, sampling seeds and noise levels all come from `opts.seed`, so a tuning repeated with the same
 /// seed trains on the same pairs again: a fourth tuning of the committed decoders gained 0 and 0.85 points
-/// on the same pool, 2.75 and 1.8 on a fresh one (models/README.md, session 37).
+/// on the same pool, 2.75 and 1.8 on a fresh one (models/NOTEBOOK.md, session 37).
 pub fn tune_decoder(dir: &Path, opts: &TrainOptions, progress: Progress) -> Result<()> {
     opts.validate()?;
     let device = opts.device.device()?;
@@ -693,7 +693,7 @@ struct Ema {
 
 /// The averaging horizon, in steps (decay 1 − 1/1000); shorter early on ((1 + n) / (10 + n), the lower
 /// of the two until step 8,990) so the average does not hold on to the random initialisation. Averages
-/// of about 500 and 1,900 steps of the same full run measured within the spread of this one (models/README).
+/// of about 500 and 1,900 steps of the same full run measured within the spread of this one (models/NOTEBOOK.md).
 const EMA_DECAY: f64 = 0.999;
 
 impl Ema {
